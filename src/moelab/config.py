@@ -1,0 +1,501 @@
+"""One config for every moelab model, plus training and data settings.
+
+`Config` = `ModelConfig` + `TrainConfig` + `DataConfig`. `ModelConfig` is made of small parts
+(attention, ffn, router, sharing, norm, init), each a dataclass with its own `validate()`.
+Configs load from and save to YAML or JSON; named presets live in `moelab/presets/*.yaml`.
+
+Every mistake a user can make raises `ConfigError` naming the field (dotted path), the value and
+what is allowed; an unknown key also names the closest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from moelab.errors import ConfigError
+
+ACTIVATIONS = ("silu", "gelu", "relu")
+GATE_POSITIONS = ("none", "sdpa", "value")  # none, G1 (per-head SDPA output), G2 (after W_v)
+GATE_GRANULARITIES = ("headwise", "elementwise")
+NORM_SCHEMES = ("pre", "peri")
+INIT_SCHEMES = ("normal", "depth_scaled", "moeut")
+DTYPES = ("float32", "bfloat16", "float16")
+MOE_BACKENDS = ("auto", "loop", "grouped_mm", "padded", "triton", "scatter")
+
+
+# --------------------------------------------------------------------------------------------
+# model parts
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GateConfig:
+    """Gated attention (arXiv 2505.06708): Y' = Y * sigmoid(X W_theta), Eq. 5."""
+
+    position: str = "none"  # "sdpa" = G1 (best in the paper), "value" = G2
+    granularity: str = "elementwise"  # "headwise" = one scalar per head
+
+    def validate(self, p: str) -> None:
+        _choice(p + ".position", self.position, GATE_POSITIONS)
+        _choice(p + ".granularity", self.granularity, GATE_GRANULARITIES)
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "dense"
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: Optional[int] = None  # None = d_model // n_heads
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # fraction of each head's dims that are rotated; 0 = no RoPE
+    bias: bool = False
+    gate: GateConfig = field(default_factory=GateConfig)
+    # attention experts (SwitchHead, MoA, UMoE-Att); ignored by the dense kind
+    n_experts: int = 0
+    top_k: int = 0
+    n_shared_experts: int = 0
+    expert_dim: Optional[int] = None  # width of an attention expert (d_v); None = head_dim
+    q_rank: int = 0  # UMoE low-rank expert query rank r
+
+    def validate(self, p: str, d_model: int) -> None:
+        _kind(p + ".kind", self.kind, "ATTENTION")
+        _positive(p + ".n_heads", self.n_heads)
+        kv = self.kv_heads
+        _positive(p + ".n_kv_heads", kv)
+        if self.n_heads % kv:
+            raise ConfigError(
+                f"{p}.n_kv_heads: {kv} must divide n_heads={self.n_heads} "
+                f"(allowed: {', '.join(str(k) for k in _divisors(self.n_heads))})"
+            )
+        if self.head_dim is None and d_model % self.n_heads:
+            raise ConfigError(
+                f"{p}.n_heads: {self.n_heads} does not divide model.d_model={d_model}; "
+                f"choose a divisor of {d_model} or set {p}.head_dim"
+            )
+        if self.head_dim is not None:
+            _positive(p + ".head_dim", self.head_dim)
+        if self.dim_per_head(d_model) % 2:
+            raise ConfigError(f"{p}.head_dim: {self.dim_per_head(d_model)} must be even for RoPE")
+        if not (0.0 <= self.rope_fraction <= 1.0):
+            raise ConfigError(f"{p}.rope_fraction: {self.rope_fraction} must be in [0, 1]")
+        _positive(p + ".rope_theta", self.rope_theta)
+        self.gate.validate(p + ".gate")
+        _non_negative(p + ".n_experts", self.n_experts)
+        _non_negative(p + ".top_k", self.top_k)
+        _non_negative(p + ".n_shared_experts", self.n_shared_experts)
+        _non_negative(p + ".q_rank", self.q_rank)
+        if self.expert_dim is not None:
+            _positive(p + ".expert_dim", self.expert_dim)
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ConfigError(
+                f"{p}.top_k: {self.top_k} is above n_experts={self.n_experts} "
+                f"(allowed: 1..{self.n_experts})"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def dim_per_head(self, d_model: int) -> int:
+        return self.head_dim if self.head_dim is not None else d_model // self.n_heads
+
+
+@dataclass
+class FFNConfig:
+    kind: str = "dense"
+    d_ff: int = 1024  # hidden width of the dense FFN (and of shared experts unless set)
+    activation: str = "silu"
+    gated: bool = True  # silu + gated = SwiGLU
+    bias: bool = False
+    # routed experts (moe, sigma_moe, mole); ignored by the dense kind
+    n_experts: int = 0
+    top_k: int = 0
+    expert_dim: int = 128
+    n_shared_experts: int = 0
+    shared_expert_dim: Optional[int] = None  # None = expert_dim
+    expert_dropout: float = 0.0  # sigma-MoE: drop whole experts from the router's choice
+
+    def validate(self, p: str) -> None:
+        _kind(p + ".kind", self.kind, "FFN")
+        _positive(p + ".d_ff", self.d_ff)
+        _choice(p + ".activation", self.activation, ACTIVATIONS)
+        _non_negative(p + ".n_experts", self.n_experts)
+        _non_negative(p + ".top_k", self.top_k)
+        _positive(p + ".expert_dim", self.expert_dim)
+        _non_negative(p + ".n_shared_experts", self.n_shared_experts)
+        if self.shared_expert_dim is not None:
+            _positive(p + ".shared_expert_dim", self.shared_expert_dim)
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ConfigError(
+                f"{p}.top_k: {self.top_k} is above n_experts={self.n_experts} "
+                f"(allowed: 1..{self.n_experts})"
+            )
+        if not (0.0 <= self.expert_dropout < 1.0):
+            raise ConfigError(f"{p}.expert_dropout: {self.expert_dropout} must be in [0, 1)")
+
+
+@dataclass
+class RouterConfig:
+    """Router choice and balance-loss coefficients (0 disables a loss)."""
+
+    kind: str = "softmax_topk"  # softmax_topk | sigmoid_topk | softmax_dense
+    renormalize: bool = False  # renormalise the top-k softmax weights to sum to 1
+    jitter: float = 0.0  # multiplicative input noise in training (Switch Transformer)
+    switch_coef: float = 0.0  # Switch: E * sum_e f_e * P_e
+    seq_coef: float = 0.0  # DeepSeek sequence-level loss (UMoE: 0.001)
+    entropy_coef: float = 0.0  # MoEUT entropy regulariser
+    z_coef: float = 0.0  # router z-loss
+
+    def validate(self, p: str) -> None:
+        _kind(p + ".kind", self.kind, "ROUTER")
+        for name in ("jitter", "switch_coef", "seq_coef", "entropy_coef", "z_coef"):
+            _non_negative(f"{p}.{name}", getattr(self, name))
+
+
+@dataclass
+class SharingConfig:
+    """MoEUT layer grouping: `group_size` distinct layers repeated n_layers / group_size times."""
+
+    group_size: int = 0  # 0 = no sharing (every layer distinct)
+
+    def validate(self, p: str, n_layers: int) -> None:
+        _non_negative(p + ".group_size", self.group_size)
+        if self.group_size and n_layers % self.group_size:
+            raise ConfigError(
+                f"{p}.group_size: {self.group_size} must divide model.n_layers={n_layers} "
+                f"(allowed: {', '.join(str(k) for k in _divisors(n_layers))})"
+            )
+
+
+@dataclass
+class NormConfig:
+    kind: str = "rmsnorm"  # rmsnorm | layernorm
+    eps: float = 1e-6
+    scheme: str = "pre"  # pre-LN, or MoEUT's peri-LN
+
+    def validate(self, p: str) -> None:
+        _kind(p + ".kind", self.kind, "NORM")
+        _positive(p + ".eps", self.eps)
+        _choice(p + ".scheme", self.scheme, NORM_SCHEMES)
+
+
+@dataclass
+class InitConfig:
+    scheme: str = "normal"  # normal(std) | depth_scaled (residual outputs / sqrt(2 L)) | moeut
+    std: float = 0.02
+
+    def validate(self, p: str) -> None:
+        _choice(p + ".scheme", self.scheme, INIT_SCHEMES)
+        _positive(p + ".std", self.std)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    moe_backend: str = "auto"  # routed-experts engine backend
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def validate(self, p: str = "model") -> "ModelConfig":
+        _positive(p + ".vocab_size", self.vocab_size)
+        _positive(p + ".d_model", self.d_model)
+        _positive(p + ".n_layers", self.n_layers)
+        _positive(p + ".max_seq_len", self.max_seq_len)
+        _choice(p + ".moe_backend", self.moe_backend, MOE_BACKENDS)
+        self.attention.validate(p + ".attention", self.d_model)
+        self.ffn.validate(p + ".ffn")
+        self.router.validate(p + ".router")
+        self.sharing.validate(p + ".sharing", self.n_layers)
+        self.norm.validate(p + ".norm")
+        self.init.validate(p + ".init")
+        return self
+
+    @property
+    def n_distinct_layers(self) -> int:
+        return self.sharing.group_size or self.n_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.dim_per_head(self.d_model)
+
+
+# --------------------------------------------------------------------------------------------
+# training and data
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step (global, before accumulation split)
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16 | float16
+    compile: bool = False
+    seed: int = 0
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    save_every: int = 200  # 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+
+    def validate(self, p: str = "train") -> "TrainConfig":
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
+            _positive(f"{p}.{name}", getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every",
+                     "min_lr_ratio", "log_every"):
+            _non_negative(f"{p}.{name}", getattr(self, name))
+        _positive(p + ".lr", self.lr)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"{p}.grad_accum: {self.grad_accum} must divide train.batch_size={self.batch_size}"
+            )
+        if self.min_lr_ratio > 1:
+            raise ConfigError(f"{p}.min_lr_ratio: {self.min_lr_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ConfigError(f"{p}.{name}: {v} must be in [0, 1)")
+        _choice(p + ".dtype", self.dtype, DTYPES)
+        return self
+
+
+@dataclass
+class DataConfig:
+    dir: Optional[str] = None  # a directory written by `moelab data prepare`
+    sampling: str = "random"  # random windows | packed (contiguous, epoch-ordered)
+
+    def validate(self, p: str = "data") -> "DataConfig":
+        _choice(p + ".sampling", self.sampling, ("random", "packed"))
+        return self
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.train.validate("train")
+        self.data.validate("data")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len: {self.train.seq_len} is above "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+    # ---- (de)serialisation ----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _build(cls, d, "").validate()
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        d = self.to_dict()
+        text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(_read_mapping(Path(path)))
+
+    def with_overrides(self, sets: list[str]) -> "Config":
+        """Apply `--set key=value` overrides (dotted keys, YAML values) and re-validate."""
+        d = self.to_dict()
+        for item in sets:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=8")
+            key, raw = item.split("=", 1)
+            _set_dotted(d, key.strip(), yaml.safe_load(raw))
+        return Config.from_dict(d)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    return _build(ModelConfig, d, "model").validate("model")
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    files = resources.files("moelab.presets").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> Config:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"preset {name!r} not found{hint}; see `moelab info --list`")
+    text = resources.files("moelab.presets").joinpath(name + ".yaml").read_text()
+    d = yaml.safe_load(text) or {}
+    d.setdefault("name", name)
+    try:
+        return Config.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"preset {name}: {e}") from None
+
+
+def resolve_config(preset: str | None = None, config_file: str | None = None,
+                   sets: list[str] | None = None) -> Config:
+    """The CLI's way to get a config: a preset or a file, then `--set` overrides."""
+    if preset and config_file:
+        raise ConfigError("give either --preset or --config, not both")
+    if config_file:
+        cfg = Config.load(config_file)
+    elif preset:
+        cfg = load_preset(preset)
+    else:
+        raise ConfigError("no model given: pass --preset NAME or --config FILE")
+    return cfg.with_overrides(sets or [])
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _read_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        text = path.read_text()
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path}: cannot parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    # A bare model config (e.g. a checkpoint's config.json holds the whole Config) is accepted.
+    if "model" not in d and any(k in d for k in ("d_model", "n_layers", "attention", "ffn")):
+        d = {"model": d}
+    return d
+
+
+def _build(cls, d: Any, path: str):
+    """Build dataclass `cls` from a mapping, checking keys and types."""
+    where = path or "config"
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__} {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown key '{full}'{hint} (valid keys of {where}: {', '.join(fields)})"
+            )
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, path: str):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()
+        ):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return copy.deepcopy(value)
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    cur = d
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(cur, dict) or part not in cur:
+            valid = ", ".join(cur) if isinstance(cur, dict) else ""
+            close = difflib.get_close_matches(part, list(cur) if isinstance(cur, dict) else [], n=1)
+            hint = f"; did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
+            raise ConfigError(f"--set {key}: unknown key '{'.'.join(parts[:i + 1])}'{hint} "
+                              f"(valid: {valid})")
+        cur = cur[part]
+    if not isinstance(cur, dict):
+        raise ConfigError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a section")
+    cur[parts[-1]] = value  # unknown leaf keys are reported by _build with a suggestion
+
+
+def _choice(path: str, value, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}: {value!r} is not allowed{hint}; allowed: {', '.join(allowed)}")
+
+
+def _kind(path: str, value: str, registry_name: str) -> None:
+    import moelab.registry as reg
+
+    registry = getattr(reg, registry_name)
+    if value not in registry:
+        _choice(path, value, registry.names())
+
+
+def _positive(path: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{path}: {value!r} must be a positive number")
+
+
+def _non_negative(path: str, value) -> None:
+    if value is None or value < 0:
+        raise ConfigError(f"{path}: {value!r} must be >= 0")
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
