@@ -1,0 +1,2 @@
+"""Layers. Importing this package registers every built-in attention, FFN, router and norm kind."""
+from moelab.layers import norms, routers, attention, ffn  # noqa: F401

@@ -1,0 +1,111 @@
+"""Dense causal self-attention (MHA / GQA / MQA, optional QK-norm, RoPE, output gate) and the
+attention helpers every attention kind shares."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moelab.config import ModelConfig
+from moelab.layers.base import (Counts, ForwardContext, LayerCache, attention_core_macs,
+                                linear_counts, mark_residual_out)
+from moelab.layers.gate import AttentionGate
+from moelab.layers.norms import make_norm
+from moelab.layers.rope import RotaryEmbedding
+from moelab.registry import ATTENTION
+
+
+def causal_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+                     past: int) -> torch.Tensor:
+    """SDPA where query t (absolute position past + t) sees keys 0 .. past + t.
+
+    `is_causal` in SDPA aligns the mask to the top-left corner, which is only right without a
+    cache prefix; with one, a single new token needs no mask and a chunk needs an explicit one.
+    """
+    T, S = q_BHTD.shape[-2], k_BKSD.shape[-2]
+    gqa = q_BHTD.shape[1] != k_BKSD.shape[1]
+    if past == 0:
+        return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=True,
+                                              enable_gqa=gqa)
+    mask = None
+    if T > 1:
+        mask = torch.arange(S, device=q_BHTD.device) <= (
+            past + torch.arange(T, device=q_BHTD.device)[:, None])
+    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, enable_gqa=gqa)
+
+
+def first_token_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, past: int) -> torch.Tensor:
+    """Mean attention weight on the first token (the attention sink of arXiv 2505.06708 Tab. 4).
+
+    Averaged over batch, heads and queries at absolute position >= 1 (position 0 can only attend
+    to itself). Computed with an explicit score matrix: for analysis, not for training.
+    """
+    T, S = q_BHTD.shape[-2], k_BKSD.shape[-2]
+    k = k_BKSD.repeat_interleave(q_BHTD.shape[1] // k_BKSD.shape[1], dim=1).float()
+    scores = q_BHTD.float() @ k.transpose(-1, -2) / math.sqrt(q_BHTD.shape[-1])
+    qpos = past + torch.arange(T, device=q_BHTD.device)[:, None]
+    scores = scores.masked_fill(torch.arange(S, device=q_BHTD.device) > qpos, float("-inf"))
+    p_first_BHT = scores.softmax(-1)[..., 0]
+    keep = (qpos[:, 0] >= 1)
+    if not keep.any():
+        return p_first_BHT.new_zeros(())
+    return p_first_BHT[..., keep].mean()
+
+
+@ATTENTION.register("dense")
+class DenseAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v with n_kv_heads <= n_heads (GQA/MQA) and an optional gate."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        a, d = cfg.attention, cfg.d_model
+        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.kv_heads, cfg.head_dim
+        self.gate = AttentionGate(a.gate, self.n_heads, self.n_kv, self.head_dim)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim + self.gate.width, bias=a.bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=a.bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=a.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=a.bias)
+        mark_residual_out(self.o_proj.weight)
+        # peri-LN: queries, keys and the gate read a normed input; values read the raw stream.
+        self.qk_in_norm = make_norm(cfg) if cfg.norm.scheme == "peri" else nn.Identity()
+        self.q_norm = make_norm(cfg, self.head_dim) if a.qk_norm else nn.Identity()
+        self.k_norm = make_norm(cfg, self.head_dim) if a.qk_norm else nn.Identity()
+        self.rope = RotaryEmbedding(self.head_dim, a.rope_fraction, a.rope_theta)
+
+    def forward(self, x_BTD: torch.Tensor, cache: LayerCache | None, past: int,
+                ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        xn_BTD = self.qk_in_norm(x_BTD)
+        q_BTHD, g = self.gate.split(self.q_proj(xn_BTD))
+        k_BTKD = self.k_proj(xn_BTD).view(B, T, self.n_kv, self.head_dim)
+        v_BTKD = self.gate.on_value(self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim), g)
+        q_BHTD = self.rope(self.q_norm(q_BTHD).transpose(1, 2), past)
+        k_BKTD = self.rope(self.k_norm(k_BTKD).transpose(1, 2), past)
+        v_BKTD = v_BTKD.transpose(1, 2)
+        if cache is not None:
+            kv = cache.update(k=k_BKTD, v=v_BKTD)
+            k_BKTD, v_BKTD = kv["k"], kv["v"]
+        o_BHTD = causal_attention(q_BHTD, k_BKTD, v_BKTD, past)
+        if ctx.diagnostics:
+            ctx.add_diag("attn_first_token", first_token_attention(q_BHTD, k_BKTD, past))
+        o_BTHD = self.gate.on_output(o_BHTD.transpose(1, 2), g)
+        return self.o_proj(o_BTHD.reshape(B, T, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def count(cfg: ModelConfig, T: int, full_attention: bool = False) -> Counts:
+        a, d, dh = cfg.attention, cfg.d_model, cfg.head_dim
+        gate = AttentionGate(a.gate, a.n_heads, a.kv_heads, dh)
+        c = (linear_counts("attn.q_proj", d, a.n_heads * dh + gate.width, T, a.bias)
+             + linear_counts("attn.k_proj", d, a.kv_heads * dh, T, a.bias)
+             + linear_counts("attn.v_proj", d, a.kv_heads * dh, T, a.bias)
+             + linear_counts("attn.o_proj", a.n_heads * dh, d, T, a.bias))
+        core = attention_core_macs(a.n_heads, T, dh, dh, full_attention)
+        c += Counts(0, 0, core, {"attn.scores_mix": core})
+        norm_p = norm_params(cfg, dh) * 2 * a.qk_norm + norm_params(cfg) * (cfg.norm.scheme == "peri")
+        return c + Counts(norm_p, norm_p, 0, {})
+
+
+def norm_params(cfg: ModelConfig, dim: int | None = None) -> int:
+    return (dim or cfg.d_model) * (2 if cfg.norm.kind == "layernorm" else 1)

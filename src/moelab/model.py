@@ -1,0 +1,160 @@
+"""MoELM: the one model class that builds every moelab variant from a `ModelConfig`.
+
+A block is a token mixer (`config.attention.kind`) and a channel mixer (`config.ffn.kind`) around a
+residual stream; both are looked up in registries, so the block never branches on the variant.
+Layer sharing (MoEUT) is a schedule: `config.sharing.group_size` distinct blocks applied in ABAB
+order; each position in the schedule has its own KV cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moelab.config import ModelConfig
+from moelab.layers.base import ForwardContext, KVCache, LayerCache
+from moelab.layers.norms import block_norm, make_norm
+from moelab.layers.routers import finish_entropy_losses
+from moelab.registry import ATTENTION, FFN
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = block_norm(cfg)
+        self.attn = ATTENTION.get(cfg.attention.kind)(cfg, layer_idx)
+        self.ffn_norm = block_norm(cfg)
+        self.ffn = FFN.get(cfg.ffn.kind)(cfg, layer_idx)
+
+    def forward(self, x_BTD: torch.Tensor, cache: Optional[LayerCache], past: int,
+                ctx: ForwardContext) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cache, past, ctx)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD), ctx)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: Optional[torch.Tensor] = None  # LM cross-entropy (mean over target tokens)
+    aux_loss: Optional[torch.Tensor] = None  # sum of balance losses, coefficients applied
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # routing statistics
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer (L,)
+    cache: Optional[KVCache] = None
+
+
+class MoELM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_distinct_layers))
+        self.schedule = [i % cfg.n_distinct_layers for i in range(cfg.n_layers)]
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        init_weights(self, cfg)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.schedule))
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, diagnostics: bool = False) -> ModelOutput:
+        past = cache.seq_len if cache is not None else 0
+        x_BTD = self.embed(idx_BT)
+        ctx = ForwardContext(token_emb_BTD=x_BTD, diagnostics=diagnostics)
+        for pos, layer_id in enumerate(self.schedule):
+            ctx.position = pos
+            layer_cache = cache.layers[pos] if cache is not None else None
+            x_BTD = self.layers[layer_id](x_BTD, layer_cache, past, ctx)
+            if diagnostics:
+                ctx.add_diag("max_activation", x_BTD.abs().max())
+        finish_entropy_losses(ctx)
+        if cache is not None:
+            cache.seq_len += idx_BT.shape[1]
+        logits_BTV = self.head(self.norm(x_BTD))
+        out = ModelOutput(logits=logits_BTV, aux_losses=ctx.aux_losses, metrics=ctx.metrics,
+                          cache=cache)
+        out.aux_loss = (torch.stack(list(ctx.aux_losses.values())).sum()
+                        if ctx.aux_losses else logits_BTV.new_zeros((), dtype=torch.float32))
+        if targets_BT is not None:
+            out.loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
+                                       ignore_index=-100)
+        out.diagnostics = {k: torch.stack(v) for k, v in ctx.diag.items()}
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample continuations. temperature 0 = greedy. Sequences that emit `eos_id` keep
+        emitting it; generation stops early once every sequence has finished."""
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache() if use_cache else None
+        out_BT = idx_BT
+        step_in = idx_BT
+        done_B = torch.zeros(idx_BT.shape[0], dtype=torch.bool, device=idx_BT.device)
+        for _ in range(max_new_tokens):
+            logits_BV = self(step_in if use_cache else out_BT, cache=cache).logits[:, -1].float()
+            next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_B = torch.where(done_B, torch.full_like(next_B, eos_id), next_B)
+                done_B |= next_B == eos_id
+            out_BT = torch.cat([out_BT, next_B[:, None]], dim=1)
+            step_in = next_B[:, None]
+            if eos_id is not None and bool(done_B.all()):
+                break
+        self.train(was_training)
+        return out_BT
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
+    if temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV / temperature
+    if top_k:
+        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (always keep the first)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
+    probs = logits_BV.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation
+# ---------------------------------------------------------------------------------------------
+def init_weights(model: MoELM, cfg: ModelConfig) -> None:
+    """N(0, std) for every matrix and the embedding; zeros for biases; norms keep weight 1.
+
+    `depth_scaled` divides the std of parameters that write into the residual stream (tagged with
+    `mark_residual_out`) by sqrt(2 n_layers). Parameters tagged `keep_init` keep the init of the
+    module that owns them.
+    """
+    std = cfg.init.std
+    out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.init.scheme == "depth_scaled" else std
+    norm_params = {id(p) for m in model.modules()
+                   if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in norm_params or getattr(p, "_moelab_keep_init", False):
+            continue
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, std=out_std if getattr(p, "_moelab_residual_out", False) else std)
