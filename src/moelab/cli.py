@@ -1,0 +1,235 @@
+"""moelab command line: train | eval | generate | info | data | bench | demo.
+
+Every command reports user mistakes (`MoelabError`: config, data, checkpoint) as one line on stderr
+with exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moelab.errors import MoelabError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named preset (see `moelab info --list`)")
+    p.add_argument("--config", help="YAML or JSON config file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. model.d_model=256 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moelab", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters and MACs of a model")
+    _model_args(p)
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: max_seq_len)")
+    p.add_argument("--full-attention", action="store_true",
+                   help="count the full T^2 attention matmuls, as the papers' profilers do")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="sample text from a trained run or an untrained preset")
+    p.add_argument("run_dir", nargs="?", help="run or checkpoint directory")
+    _model_args(p)
+    p.add_argument("--prompt", default="", help="prompt text")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the run's; bytes for a preset)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("data", help="prepare token shards")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("prepare", help="tokenize a corpus into train/val/test shards")
+    q.add_argument("--corpus", default="default",
+                   help="default | PATH (.txt/.jsonl/.jsonl.xz/.parquet, folder, saved HF dataset)"
+                        " | hf:NAME[:CONFIG]")
+    q.add_argument("--tokenizer", default="bpe:8192", help="bpe:VOCAB | PATH/tokenizer.json")
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train a model")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="directory written by `moelab data prepare`")
+    p.add_argument("--out", required=True, help="run directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
+    g.add_argument("--tokens", type=int, help="training tokens (converted to steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity on a held-out split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--data", help="data directory (default: the one the run was trained on)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    q = bsub.add_parser("moe-layer", help="MoE FFN layer vs a dense FFN of equal FLOPs")
+    q.add_argument("rest", nargs=argparse.REMAINDER, help="options of benchmarks/moe_layer.py")
+    q.set_defaults(func=cmd_bench_moe_layer)
+
+    p = sub.add_parser("demo", help="the main job: prepare data, train, evaluate, sample")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--presets", default=None, help="comma-separated presets")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MoelabError as e:
+        print(f"moelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moelab: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from moelab.config import load_preset, preset_names, resolve_config
+    from moelab.flops import count, human
+
+    if args.list:
+        for name in preset_names():
+            c = load_preset(name).model
+            n = count(c, seq_len=min(c.max_seq_len, 1024))
+            print(f"{name:32s} attention={c.attention.kind:10s} ffn={c.ffn.kind:10s} "
+                  f"params={human(n['params_total']):>8s} active={human(n['params_active']):>8s}")
+        return 0
+    cfg = resolve_config(args.preset, args.config, args.sets)
+    res = count(cfg.model, batch=args.batch, seq_len=args.seq, full_attention=args.full_attention)
+    res = {"name": cfg.name, **res}
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    m = cfg.model
+    print(f"{cfg.name}: attention={m.attention.kind} ffn={m.ffn.kind} d_model={m.d_model} "
+          f"n_layers={m.n_layers} (distinct {m.n_distinct_layers}) vocab={m.vocab_size}")
+    print(f"  params total  {res['params_total']:>15,d}  ({human(res['params_total'])})")
+    print(f"  params active {res['params_active']:>15,d}  ({human(res['params_active'])})")
+    print(f"  forward MACs  {res['macs_forward']:>15,d}  ({human(res['macs_forward'])}) for batch "
+          f"{res['batch']} x {res['seq_len']} tokens, "
+          f"{'full' if args.full_attention else 'causal'} attention; "
+          f"{human(res['macs_per_token'])} per token")
+    for k, v in sorted(res["components"]["macs"].items(), key=lambda kv: -kv[1]):
+        print(f"    {k:24s} {human(v):>9s}  {100 * v / res['macs_forward']:5.1f}%")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from moelab.errors import ConfigError
+
+    torch.manual_seed(args.seed)
+    if args.run_dir:
+        from moelab.train.checkpoint import find_tokenizer, load_model
+
+        model, cfg, ckpt = load_model(args.run_dir)
+        tok_path = args.tokenizer or find_tokenizer(ckpt)
+    elif args.preset or args.config:
+        from moelab.config import resolve_config
+        from moelab.model import MoELM
+
+        cfg = resolve_config(args.preset, args.config, args.sets)
+        model = MoELM(cfg.model)
+        tok_path = args.tokenizer
+        print(f"(untrained {cfg.name}: sampling from random weights)", file=sys.stderr)
+    else:
+        raise ConfigError("generate: give a RUN_DIR, or --preset/--config for an untrained model")
+    tok = _load_any_tokenizer(tok_path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}")
+    ids = tok.encode(args.prompt) or [tok.eos_id]
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long)
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, eos_id=tok.eos_id, generator=g)
+    for row in out.tolist():
+        print(tok.decode(row))
+    return 0
+
+
+def _load_any_tokenizer(path):
+    if path is None:
+        from moelab.data.byte_tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    from moelab.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def cmd_data_prepare(args) -> int:
+    from moelab.data.prepare import prepare_data
+
+    meta = prepare_data(corpus=args.corpus, tokenizer=args.tokenizer, out=args.out, seed=args.seed)
+    counts = meta.get("tokens", {})
+    print(f"wrote {args.out}: vocab {meta['vocab_size']}, tokens "
+          + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from moelab.config import resolve_config
+    from moelab.train.loop import train
+
+    if args.resume and not (args.preset or args.config) and (Path(args.out) / "config.json").is_file():
+        cfg = resolve_config(None, str(Path(args.out) / "config.json"), args.sets)
+    else:
+        cfg = resolve_config(args.preset, args.config, args.sets)
+    summary = train(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps,
+                    tokens=args.tokens, resume=args.resume, progress=not args.no_progress,
+                    device=args.device)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from moelab.eval.perplexity import evaluate_run
+
+    res = evaluate_run(args.run_dir, split=args.split, data_dir=args.data, device=args.device)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.split}: perplexity {res['perplexity']:.3f}, mean per-document perplexity "
+              f"{res['doc_perplexity']:.3f} over {res['tokens']:,} tokens")
+    return 0
+
+
+def cmd_bench_moe_layer(args) -> int:
+    from moelab.ops.bench import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def cmd_demo(args) -> int:
+    from moelab.demo import run_demo
+
+    return run_demo(out=args.out, presets=args.presets, steps=args.steps) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
