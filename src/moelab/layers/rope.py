@@ -16,22 +16,26 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, fraction: float = 1.0, theta: float = 10000.0):
         super().__init__()
         rot = int(head_dim * fraction) // 2 * 2
-        self.rot_dim = rot
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / max(rot, 1)))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rot_dim, self.theta = rot, theta
+        # Frequencies are computed per call in the working dtype rather than kept as a buffer,
+        # which `model.to(torch.bfloat16)` would round to a few significant bits.
 
-    def cos_sin(self, T: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        pos_T = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
-        freqs_TR = torch.outer(pos_T, self.inv_freq.to(device))  # (T, rot/2)
+    def cos_sin(self, T: int, offset: int, device, dtype=torch.float32):
+        pos_T = torch.arange(offset, offset + T, device=device, dtype=dtype)
+        inv_freq = self.theta ** (-torch.arange(0, self.rot_dim, 2, device=device, dtype=dtype)
+                                  / self.rot_dim)
+        freqs_TR = torch.outer(pos_T, inv_freq)  # (T, rot/2)
         emb_TR = torch.cat([freqs_TR, freqs_TR], dim=-1)
         return emb_TR.cos(), emb_TR.sin()
 
     def forward(self, x_BHTD: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if self.rot_dim == 0:
             return x_BHTD
-        cos, sin = self.cos_sin(x_BHTD.shape[-2], offset, x_BHTD.device)
+        # at least float32 (bf16 angles lose whole positions), float64 stays float64
+        dtype = torch.promote_types(x_BHTD.dtype, torch.float32)
+        cos, sin = self.cos_sin(x_BHTD.shape[-2], offset, x_BHTD.device, dtype)
         x_rot, x_pass = x_BHTD[..., : self.rot_dim], x_BHTD[..., self.rot_dim:]
-        x1, x2 = x_rot.float().chunk(2, dim=-1)
+        x1, x2 = x_rot.to(dtype).chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
-        out = x_rot.float() * cos + rotated * sin
+        out = x_rot.to(dtype) * cos + rotated * sin
         return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)

@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+from helpers import ATTENTION_OPTIONS, tiny
+from moelab.layers.attention import DenseAttention
+from moelab.layers.base import ForwardContext
+from moelab.model import MoELM
+
+torch.set_default_dtype(torch.float32)
+
+
+def _model(sets):
+    torch.manual_seed(0)
+    m = MoELM(tiny(*sets).model).eval()
+    # larger weights than the 0.02 init, so attention patterns are far from uniform
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return m
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_OPTIONS))
+def test_causality(name):
+    m = _model(ATTENTION_OPTIONS[name])
+    x = torch.randint(0, 97, (2, 12))
+    base = m(x).logits
+    for t in (0, 5, 10):
+        y = x.clone()
+        y[:, t + 1] = (y[:, t + 1] + 1 + torch.arange(2)) % 97
+        out = m(y).logits
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), name
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1])
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_OPTIONS))
+def test_cached_decoding_equals_full_forward(name):
+    m = _model(ATTENTION_OPTIONS[name])
+    x = torch.randint(0, 97, (2, 15))
+    full = m(x).logits
+    # prefill 6, then a 4-token chunk (masked, with a cache prefix), then single tokens
+    cache = m.new_cache()
+    parts = [m(x[:, :6], cache=cache).logits, m(x[:, 6:10], cache=cache).logits]
+    parts += [m(x[:, t:t + 1], cache=cache).logits for t in range(10, 15)]
+    assert cache.seq_len == 15
+    inc = torch.cat(parts, dim=1)
+    assert (inc - full).abs().max().item() < 1e-5, name
+
+
+def _explicit_attention(q_BHTD, k_BKTD, v_BKTD):
+    H, K = q_BHTD.shape[1], k_BKTD.shape[1]
+    k = k_BKTD.repeat_interleave(H // K, 1)
+    v = v_BKTD.repeat_interleave(H // K, 1)
+    s = q_BHTD @ k.transpose(-1, -2) / math.sqrt(q_BHTD.shape[-1])
+    T = s.shape[-1]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("granularity", ["headwise", "elementwise"])
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_g1_gate_matches_explicit_reference(granularity, n_kv):
+    cfg = tiny("model.attention.gate.position=sdpa", f"model.attention.gate.granularity={granularity}",
+               f"model.attention.n_kv_heads={n_kv}", "model.attention.rope_fraction=0").model
+    torch.manual_seed(1)
+    attn = DenseAttention(cfg, 0).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, T, d, H, Dh = 2, 7, cfg.d_model, 4, cfg.head_dim
+    G = H // n_kv
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    # Reference: the fused projection holds, per KV group, [G query heads | their gates]
+    gw = Dh if granularity == "elementwise" else 1
+    Wq = attn.q_proj.weight.view(n_kv, G * Dh + G * gw, d)
+    W_query = Wq[:, : G * Dh].reshape(H * Dh, d)
+    W_gate = Wq[:, G * Dh:].reshape(H * gw, d)
+    q = (x @ W_query.t()).view(B, T, H, Dh).transpose(1, 2)
+    k = (x @ attn.k_proj.weight.t()).view(B, T, n_kv, Dh).transpose(1, 2)
+    v = (x @ attn.v_proj.weight.t()).view(B, T, n_kv, Dh).transpose(1, 2)
+    o_BTHD = _explicit_attention(q, k, v).transpose(1, 2)
+    gate_BTHG = torch.sigmoid(x @ W_gate.t()).view(B, T, H, gw)  # Y' = Y * sigmoid(X W_theta)
+    ref = (o_BTHD * gate_BTHG).reshape(B, T, H * Dh) @ attn.o_proj.weight.t()
+    out = attn(x, None, 0, ForwardContext())
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_g2_gates_values():
+    cfg = tiny("model.attention.gate.position=value", "model.attention.rope_fraction=0").model
+    attn = DenseAttention(cfg, 0).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, T, d, H, Dh = 1, 5, cfg.d_model, 4, cfg.head_dim
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    Wq = attn.q_proj.weight.view(H, Dh + Dh, d)  # MHA: one query head per group, then its value gate
+    q = (x @ Wq[:, :Dh].reshape(H * Dh, d).t()).view(B, T, H, Dh).transpose(1, 2)
+    g = torch.sigmoid(x @ Wq[:, Dh:].reshape(H * Dh, d).t()).view(B, T, H, Dh).transpose(1, 2)
+    k = (x @ attn.k_proj.weight.t()).view(B, T, H, Dh).transpose(1, 2)
+    v = (x @ attn.v_proj.weight.t()).view(B, T, H, Dh).transpose(1, 2) * g
+    ref = _explicit_attention(q, k, v).transpose(1, 2).reshape(B, T, H * Dh) @ attn.o_proj.weight.t()
+    assert torch.allclose(attn(x, None, 0, ForwardContext()), ref, atol=1e-10)
+
+
+def test_dense_attention_matches_explicit_with_rope_and_gqa():
+    cfg = tiny("model.attention.n_kv_heads=2").model
+    attn = DenseAttention(cfg, 0).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, T, d, H, Dh = 2, 9, cfg.d_model, 4, cfg.head_dim
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    q = (x @ attn.q_proj.weight.t()).view(B, T, H, Dh).transpose(1, 2)
+    k = (x @ attn.k_proj.weight.t()).view(B, T, 2, Dh).transpose(1, 2)
+    v = (x @ attn.v_proj.weight.t()).view(B, T, 2, Dh).transpose(1, 2)
+
+    def rope(t):  # rotate-half RoPE written out: pairs (i, i + D/2) rotate by pos * theta^(-2i/D)
+        pos = torch.arange(T, dtype=torch.float64)[:, None]
+        freq = 10000.0 ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+        ang = pos * freq
+        a, b = t[..., : Dh // 2], t[..., Dh // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+
+    ref = _explicit_attention(rope(q), rope(k), v).transpose(1, 2).reshape(B, T, H * Dh)
+    ref = ref @ attn.o_proj.weight.t()
+    assert torch.allclose(attn(x, None, 0, ForwardContext()), ref, atol=1e-10)
+
+
+def test_diagnostics_first_token_and_max_activation():
+    m = MoELM(tiny("model.n_layers=3").model).eval()
+    with torch.no_grad():  # zero queries: uniform causal attention, so weight on token 0 is 1/(t+1)
+        for blk in m.layers:
+            blk.attn.q_proj.weight.zero_()
+    T = 8
+    out = m(torch.randint(0, 97, (2, T)), diagnostics=True)
+    expect = sum(1 / (t + 1) for t in range(1, T)) / (T - 1)
+    assert out.diagnostics["attn_first_token"].shape == (3,)
+    assert torch.allclose(out.diagnostics["attn_first_token"], torch.full((3,), expect), atol=1e-6)
+    assert out.diagnostics["max_activation"].shape == (3,)
+    assert (out.diagnostics["max_activation"] > 0).all()
+    assert m(torch.randint(0, 97, (2, T))).diagnostics == {}

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from moelab.cli import main
+
+
+def test_info_json(capsys):
+    assert main(["info", "--preset", "gated-tiny", "--json", "--batch", "2", "--seq", "64"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("params_total", "params_active", "macs_forward", "components"):
+        assert key in res
+    assert res["batch"] == 2 and res["seq_len"] == 64
+    assert "attn.q_proj" in res["components"]["macs"]
+
+
+def test_info_text_and_list(capsys):
+    assert main(["info", "--preset", "dense-tiny", "--full-attention"]) == 0
+    assert "params total" in capsys.readouterr().out
+    assert main(["info", "--list"]) == 0
+    assert "gated-tiny" in capsys.readouterr().out
+
+
+def test_generate_from_untrained_preset(capsys):
+    code = main(["generate", "--preset", "dense-tiny", "--set", "model.vocab_size=512",
+                 "--prompt", "To be", "--max-new-tokens", "5", "--seed", "1"])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("To be")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["info", "--preset", "nope"], "preset 'nope' not found"),
+    (["info", "--preset", "dense-tiny", "--set", "model.attention.n_heads=7"], "n_heads: 7"),
+    (["info", "--preset", "dense-tiny", "--set", "model.ffn.kind=moo"], "model.ffn.kind"),
+    (["info"], "--preset NAME or --config FILE"),
+    (["generate", "/nonexistent/run"], "no such run"),
+    (["generate", "--preset", "dense-tiny", "--set", "model.vocab_size=100"], "vocab_size is 100"),
+])
+def test_user_errors_are_one_line(capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert sum(line.startswith("moelab: error:") for line in err.splitlines()) == 1

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from helpers import tiny
+from moelab.model import MoELM, sample_next
+
+
+def _m(*sets):
+    torch.manual_seed(0)
+    return MoELM(tiny(*sets).model).eval()
+
+
+def test_generate_greedy_matches_uncached_argmax_loop():
+    m = _m()
+    x = torch.randint(0, 97, (2, 5))
+    out = m.generate(x, 8, temperature=0)
+    ref = x
+    for _ in range(8):
+        ref = torch.cat([ref, m(ref).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+    assert torch.equal(m.generate(x, 8, temperature=0, use_cache=False), ref)
+
+
+def test_generate_stops_on_eos_and_pads_finished_rows():
+    m = _m()
+    x = torch.randint(0, 97, (1, 4))
+    greedy = m.generate(x, 6, temperature=0)
+    eos = int(greedy[0, 5])  # the second generated token
+    out = m.generate(x, 6, temperature=0, eos_id=eos)
+    assert out.shape[1] <= 4 + 6 and int(out[0, -1]) == eos
+    assert (out[0, 4:] == eos).nonzero()[0].item() <= 1
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_next(logits, 1.0, 1, None, g)) for _ in range(20)} == {0}
+    # top_p 0.5 keeps only the first token (its mass alone is 0.57 >= 0.5)
+    assert {int(sample_next(logits, 1.0, None, 0.5, g)) for _ in range(20)} == {0}
+    seen = {int(sample_next(logits, 1.0, 2, None, g)) for _ in range(200)}
+    assert seen == {0, 1}
+    assert int(sample_next(logits, 0.0, None, None, g)) == 0
+
+
+def test_seeded_sampling_is_reproducible():
+    m = _m()
+    x = torch.randint(0, 97, (2, 3))
+    a = m.generate(x, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = m.generate(x, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_tied_and_untied_head():
+    m = _m()
+    assert m.head.weight.data_ptr() == m.embed.weight.data_ptr()
+    u = _m("model.tie_embeddings=false")
+    assert u.head.weight.data_ptr() != u.embed.weight.data_ptr()
+
+
+def test_depth_scaled_init():
+    torch.manual_seed(0)
+    cfg = tiny("model.init.scheme=depth_scaled", "model.n_layers=8", "model.d_model=128",
+               "model.ffn.d_ff=512").model
+    m = MoELM(cfg)
+    o_std = m.layers[0].attn.o_proj.weight.std().item()
+    q_std = m.layers[0].attn.q_proj.weight.std().item()
+    assert abs(q_std - 0.02) < 0.002
+    assert abs(o_std - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+    assert torch.all(m.layers[0].attn_norm.weight == 1)
+
+
+def test_loss_and_outputs():
+    m = _m()
+    x = torch.randint(0, 97, (2, 9))
+    out = m(x[:, :-1], x[:, 1:])
+    ref = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 97), x[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, ref)
+    assert out.aux_loss.item() == 0.0 and out.aux_losses == {}
+    out.loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_layer_sharing_schedule_shares_parameters():
+    m = _m("model.n_layers=4", "model.sharing.group_size=2")
+    assert len(m.layers) == 2 and m.schedule == [0, 1, 0, 1]
+    x = torch.randint(0, 97, (1, 6))
+    full = m(x).logits
+    cache = m.new_cache()
+    assert len(cache.layers) == 4
+    inc = torch.cat([m(x[:, :3], cache=cache).logits] +
+                    [m(x[:, t:t + 1], cache=cache).logits for t in range(3, 6)], 1)
+    assert (inc - full).abs().max() < 1e-5
+
+
+def test_meta_device_build_of_paper_preset():
+    from moelab.config import load_preset
+
+    with torch.device("meta"):
+        m = MoELM(load_preset("gated-paper-1.7b").model)
+    assert 1.7e9 < m.num_params() < 1.9e9
