@@ -3,20 +3,27 @@
 RUN_DIR/
   config.json                 the run's whole Config
   tokenizer.json              copied from the data directory (when there is one)
-  checkpoints/step-00000400/  config.json, model.safetensors, trainer state (optimizer.pt, state.json)
+  run.json                    the data directory (absolute) and its meta, for eval and resume
+  checkpoints/step-00000400/  config.json, model.safetensors, and the trainer state:
+      optimizer.pt            AdamW state, LR-schedule counters, fp16 grad-scaler state
+      rng.pt                  torch CPU (and CUDA) generator states, numpy and python `random`
+      state.json              step, tokens seen, data position and loader settings, val losses
 
 A checkpoint is first written to a hidden temporary directory beside its final name and then
 renamed, so a crash while writing leaves the previous checkpoints intact and no half-written one
 that `--resume` could pick. Weights are safetensors; anything loaded with torch.load uses
-`weights_only=True`, so loading never executes pickled code.
+`weights_only=True`, so loading never executes pickled code (which is why numpy and python RNG
+states are stored as plain integer tensors, not as the objects those libraries return).
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
@@ -139,6 +146,115 @@ def find_tokenizer(path: str | Path) -> Path | None:
         if cand.is_file():
             return cand
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer state (resume)
+# ---------------------------------------------------------------------------------------------
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"  # written last: a checkpoint with it has everything resume needs
+
+
+def capture_rng() -> dict:
+    """Every random generator training may draw from, as tensors and ints only."""
+    np_state = np.random.get_state()  # ('MT19937', keys uint32[624], pos, has_gauss, gauss)
+    py_version, py_keys, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python_keys": torch.tensor(py_keys, dtype=torch.int64),
+        "python_rest": [int(py_version), py_gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    pos, has_gauss, gauss = state["numpy_rest"]
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(gauss)))
+    version, gauss_next = state["python_rest"]
+    random.setstate((int(version), tuple(int(k) for k in state["python_keys"].tolist()),
+                     gauss_next))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        # a run resumed on fewer GPUs restores the generators it has
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+def write_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                              config: Config, optimizer: torch.optim.Optimizer, scheduler,
+                              scaler, trainer_state: dict, keep_last: int | None = None,
+                              _fail_after: str | None = None) -> Path:
+    """A checkpoint with everything `--resume` needs to continue the same loss curve."""
+    extra = {
+        OPTIMIZER_FILE: {"optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else {}},
+        RNG_FILE: capture_rng(),
+        STATE_FILE: trainer_state,
+    }
+    return write_checkpoint(run_dir, step, model, config, extra=extra, keep_last=keep_last,
+                            _fail_after=_fail_after)
+
+
+def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> dict:
+    """{"optimizer", "scheduler", "scaler", "rng", "state"} of a checkpoint; CheckpointError
+    when it lacks trainer state (e.g. a weights-only checkpoint) or a file is unreadable."""
+    missing = [f for f in (OPTIMIZER_FILE, RNG_FILE, STATE_FILE) if not (ckpt / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt}: cannot resume from it, {', '.join(missing)} missing "
+                              "(a weights-only checkpoint)")
+    try:
+        opt = torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True)
+        rng = torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=True)
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except Exception as e:  # unpickling / JSON / zip errors all mean a damaged file
+        raise CheckpointError(f"{ckpt}: trainer state is unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return {**opt, "rng": rng, "state": state}
+
+
+def remove_stale_tmp(run_dir: str | Path) -> None:
+    """Delete temporary checkpoint directories that killed processes left behind (those of a
+    live process, named `.tmp-step-N-PID`, are still being written and stay)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    for p in root.glob(".tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """'key: saved X, given Y' for every leaf that differs between two nested config dicts."""
+    diffs = []
+    for key in sorted(set(saved) | set(given), key=str):
+        a, b = saved.get(key), given.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, name + ".")
+        elif a != b:
+            diffs.append(f"{name}: checkpoint {a!r}, given {b!r}")
+    return diffs
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,101 @@
+"""ExpertBank: E two-layer experts with stacked weights, executed by the routed-experts engine.
+
+The bank owns parameters only; routing is the caller's (a router builds `expert_idx`, the caller
+builds one `RoutingPlan` and may reuse it across several banks or matmuls). One bank instance may
+be held by several layers (MoEUT-style sharing): `nn.Module.parameters()` de-duplicates it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moelab.layers.base import Counts
+from moelab.ops.activations import check_activation
+from moelab.ops.backends import check_backend
+from moelab.ops.expert_ffn import expert_ffn, expert_ffn_sorted
+from moelab.ops.plan import RoutingPlan
+
+
+class ExpertBank(nn.Module):
+    """FFN_e(x) = act(x W1_e) W2_e, or (act(x W1_e) * (x W3_e)) W2_e when gated.
+
+    Parameters: `w1_EDH` (E, d, h), `w2_EHD` (E, h, d) and, when gated, `w3_EDH` (E, d, h),
+    initialised N(0, init_std) (the model may re-initialise them).
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str = "silu",
+                 gated: bool = False, backend: str = "auto", init_std: float = 0.02):
+        super().__init__()
+        if min(n_experts, d_model, d_expert) < 1:
+            raise ValueError(f"ExpertBank sizes must be positive, got n_experts={n_experts}, "
+                             f"d_model={d_model}, d_expert={d_expert}")
+        self.n_experts, self.d_model, self.d_expert = n_experts, d_model, d_expert
+        self.activation = check_activation(activation)
+        self.backend = check_backend(backend)
+        self.gated = gated
+        self.w1_EDH = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        self.w2_EHD = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        if gated:
+            self.w3_EDH = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        else:
+            self.register_parameter("w3_EDH", None)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in (self.w1_EDH, self.w2_EHD, self.w3_EDH):
+            if p is not None:
+                nn.init.normal_(p, std=std)
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
+                f"activation={self.activation}, gated={self.gated}, backend={self.backend}")
+
+    def _flat(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        x_TD = x.reshape(-1, self.d_model)
+        if x_TD.shape[0] != plan.n_tokens:
+            raise ValueError(f"input has {x_TD.shape[0]} tokens, the routing plan {plan.n_tokens}")
+        if plan.n_experts != self.n_experts:
+            raise ValueError(f"plan routes over {plan.n_experts} experts, bank has "
+                             f"{self.n_experts}")
+        return x_TD
+
+    def forward(self, x: torch.Tensor, plan: RoutingPlan,
+                weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of each token's k expert outputs, same shape as x ((T, d) or (..., d))."""
+        x_TD = self._flat(x, plan)
+        y_TD = expert_ffn(x_TD, self.w1_EDH, self.w2_EHD, plan, weights_TK, self.activation,
+                          self.w3_EDH, backend=self.backend)
+        return y_TD.view(x.shape)
+
+    def forward_sorted(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Every (token, slot) expert output, (T*k, d) in the plan's sorted order, not combined.
+        `plan.unsort_pairs(y)` gives (T, k, d) in token-major order."""
+        x_TD = self._flat(x, plan)
+        return expert_ffn_sorted(x_TD, self.w1_EDH, self.w2_EHD, plan, self.activation,
+                                 self.w3_EDH, backend=self.backend)
+
+    # --- analytic counts (MACs = multiply-accumulates; FLOPs = 2 x MACs) ---------------------
+    @staticmethod
+    def expert_macs(n_tokens: int, k: int, d_model: int, d_expert: int,
+                    gated: bool = False) -> int:
+        """Forward MACs of T tokens through k experts each: T*k*(d*h*(2 if gated else 1) + h*d)."""
+        return n_tokens * k * (d_model * d_expert * (2 if gated else 1) + d_expert * d_model)
+
+    @staticmethod
+    def expert_params(n_experts: int, d_model: int, d_expert: int, gated: bool = False) -> int:
+        return n_experts * d_model * d_expert * (3 if gated else 2)
+
+    @staticmethod
+    def count(n_experts: int, d_model: int, d_expert: int, n_tokens: int, k: int,
+              gated: bool = False, name: str = "experts") -> Counts:
+        """Counts(params, active params (k experts), forward MACs) for the model's FLOP tables."""
+        macs = ExpertBank.expert_macs(n_tokens, k, d_model, d_expert, gated)
+        return Counts(ExpertBank.expert_params(n_experts, d_model, d_expert, gated),
+                      ExpertBank.expert_params(k, d_model, d_expert, gated), macs, {name: macs})
+
+    def macs(self, n_tokens: int, k: int) -> int:
+        return self.expert_macs(n_tokens, k, self.d_model, self.d_expert, self.gated)
+
+    def flops(self, n_tokens: int, k: int) -> int:
+        """Forward FLOPs (2 x MACs) of n_tokens routed to k experts each."""
+        return 2 * self.macs(n_tokens, k)

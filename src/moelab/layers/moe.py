@@ -1,0 +1,88 @@
+"""Routed FFN channel mixers: top-k MoE with shared experts, and σ-MoE (MoEUT).
+
+Both run their experts through an `ExpertBank` (the routed-experts engine), so the bank can be
+held by several layers (UMoE's attention and FFN, MoEUT's repeats).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moelab.config import ModelConfig
+from moelab.layers.base import Counts, ForwardContext, linear_counts, mark_residual_out
+from moelab.layers.experts import ExpertBank
+from moelab.layers.ffn import DenseFFN
+from moelab.layers.norms import make_norm
+from moelab.layers.routers import make_router
+from moelab.ops import build_plan
+from moelab.registry import FFN
+
+
+@FFN.register("moe")
+class MoEFFN(nn.Module):
+    """y = sum_{e in top-k} w_e FFN_e(x) + sum_s FFN_shared_s(x)  (DeepSeek / UMoE FFN-MoE).
+
+    The router is `config.router` (softmax top-k by default); the shared experts are one dense
+    FFN of width n_shared x shared_expert_dim, unweighted.
+    """
+
+    router_kind: str | None = None  # None: the config's router.kind
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, bank: ExpertBank | None = None):
+        super().__init__()
+        f, d = cfg.ffn, cfg.d_model
+        self.n_experts, self.top_k = f.n_experts, f.top_k
+        rcfg = cfg.router if self.router_kind is None else _with_kind(cfg.router, self.router_kind)
+        extra = {"expert_dropout": f.expert_dropout} if rcfg.kind == "sigmoid_topk" else {}
+        # peri-LN: the router (it feeds a softmax/sigmoid) reads a normed input, experts the raw one
+        self.router_norm = make_norm(cfg) if cfg.norm.scheme == "peri" else nn.Identity()
+        self.router = make_router(d, f.n_experts, f.top_k, rcfg, name="ffn_router", **extra)
+        self.experts = bank if bank is not None else ExpertBank(
+            f.n_experts, d, f.expert_dim, activation=f.activation, gated=f.gated,
+            backend=cfg.moe_backend)
+        mark_residual_out(self.experts.w2_EHD)
+        shared_width = f.n_shared_experts * (f.shared_expert_dim or f.expert_dim)
+        self.shared = DenseFFN(cfg, layer_idx, d_ff=shared_width) if shared_width else None
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        r = self.router(self.router_norm(x_BTD), ctx)
+        plan = build_plan(r.idx_BTK.reshape(B * T, -1), self.n_experts)
+        w_TK = r.weights_BTK.reshape(B * T, -1).to(x_BTD.dtype)
+        y_BTD = self.experts(x_BTD.reshape(B * T, D), plan, w_TK).view(B, T, D)
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD, ctx)
+        return y_BTD
+
+    @classmethod
+    def count(cls, cfg: ModelConfig, T: int, full_attention: bool = False) -> Counts:
+        f, d = cfg.ffn, cfg.d_model
+        per_expert = d * f.expert_dim * (3 if f.gated else 2)
+        router = linear_counts("ffn.router", d, f.n_experts, T)
+        experts = Counts(f.n_experts * per_expert, f.top_k * per_expert,
+                         T * f.top_k * per_expert, {"ffn.experts": T * f.top_k * per_expert})
+        c = router + experts
+        shared_width = f.n_shared_experts * (f.shared_expert_dim or f.expert_dim)
+        if shared_width:
+            c += DenseFFN.count(cfg, T, d_ff=shared_width)
+        if cfg.norm.scheme == "peri":
+            from moelab.layers.attention import norm_params
+
+            c += Counts(norm_params(cfg), norm_params(cfg), 0, {})
+        return c
+
+
+@FFN.register("sigma_moe")
+class SigmaMoEFFN(MoEFFN):
+    """σ-MoE (MoEUT reference sec. 1.2): sigmoid top-k router, gates = raw sigmoid scores, many
+    small experts (128 by default), optional expert dropout, entropy regulariser from
+    `router.entropy_coef`. Activation and gating come from `ffn.activation` / `ffn.gated`
+    (the paper: relu, not gated)."""
+
+    router_kind = "sigmoid_topk"
+
+
+def _with_kind(rcfg, kind):
+    import dataclasses
+
+    return dataclasses.replace(rcfg, kind=kind)

@@ -1,0 +1,234 @@
+"""`train()`: the training loop behind `moelab train`.
+
+Order of one iteration (step s = number of updates done afterwards):
+  batch s-1 from the loader (a pure function of (seed, s-1), so resuming needs no data iterator)
+  -> lr of update s-1 -> forward/backward/clip/update -> metrics line `step: s`
+  -> validation if s % eval_every == 0 or s is the last step -> checkpoint if s % save_every == 0
+     or s is the last step.
+A checkpoint taken after step s holds the state after everything of iteration s (validation
+included), so a run resumed from it replays iterations s+1... exactly as the uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from moelab.config import Config
+from moelab.errors import CheckpointError, ConfigError, TrainingError
+from moelab.train import checkpoint as ckpt_io
+from moelab.train.metrics import MetricsLogger, Progress
+from moelab.train.optim import Schedule, apply_hyperparameters, build_optimizer
+from moelab.train.rundir import (check_resume_config, check_same_data, check_vocab,
+                                 write_run_files)
+from moelab.train.step import NonFiniteLoss, Precision, evaluate_loss, train_step
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """auto = cuda if available else cpu; an unavailable or unknown device is a ConfigError."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: unknown device; expected auto, cpu or cuda") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; "
+                          "use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu or cuda")
+    return dev
+
+
+def total_steps(cfg: Config, steps: Optional[int], tokens: Optional[int]) -> int:
+    """--steps, or --tokens converted to ceil(tokens / (batch_size * seq_len)), or train.steps."""
+    if steps is not None and tokens is not None:
+        raise ConfigError("give either --steps or --tokens, not both")
+    if tokens is not None:
+        if tokens <= 0:
+            raise ConfigError(f"--tokens {tokens}: must be a positive number of tokens")
+        return math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len))
+    if steps is not None:
+        if steps <= 0:
+            raise ConfigError(f"--steps {steps}: must be a positive number of steps")
+        return steps
+    return cfg.train.steps
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path = "runs/run",
+          steps: Optional[int] = None, tokens: Optional[int] = None, resume: bool = False,
+          progress: bool = True, device: str = "auto", stop_at: Optional[int] = None,
+          tensorboard: bool = True) -> dict:
+    """Train `cfg` on a prepared data directory, writing the run to `out_dir`.
+
+    stop_at: stop (with a checkpoint) after this step although the schedule runs to the full
+        total, as if the process had been killed right after saving; `resume=True` continues.
+    Returns a summary dict (see docs/training.md).
+    """
+    from moelab.data.loader import TokenLoader
+    from moelab.data.shards import load_meta
+    from moelab.flops import count
+    from moelab.model import MoELM
+
+    wall_start = time.perf_counter()
+    run_dir = Path(out_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: is a file; expected a run directory")
+    data_dir = data_dir if data_dir is not None else cfg.data.dir
+    if data_dir is None:
+        raise ConfigError("no data: pass --data DIR (a directory written by "
+                          "`moelab data prepare`)")
+    data_dir = Path(data_dir).expanduser().resolve()
+    dev = resolve_device(device)
+    n_total = total_steps(cfg, steps, tokens)
+    d = cfg.to_dict()
+    d["train"]["steps"] = n_total
+    d["data"]["dir"] = str(data_dir)
+    cfg = Config.from_dict(d)
+    tc = cfg.train
+    meta = load_meta(data_dir)  # DataError for a missing or broken data dir
+    check_vocab(meta, cfg, data_dir)
+
+    # ---- where do we start from
+    resume_ckpt = None
+    if resume:
+        resume_ckpt = ckpt_io.latest_checkpoint(run_dir)
+        if resume_ckpt is None:
+            raise CheckpointError(f"--resume: {run_dir} has no complete checkpoint "
+                                  f"(expected {ckpt_io.checkpoint_dir(run_dir)}/step-N); "
+                                  "start without --resume")
+        check_resume_config(ckpt_io.read_config(resume_ckpt), cfg, resume_ckpt)
+        check_same_data(run_dir, meta, data_dir)
+        saved = ckpt_io.read_training_state(resume_ckpt, dev)
+    elif ckpt_io.list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds checkpoints of a run; pass --resume to "
+                              "continue it, or choose a new --out")
+
+    train_loader = TokenLoader(data_dir, "train", tc.batch_size, tc.seq_len, tc.seed,
+                               sampling=cfg.data.sampling)  # DataError for a truncated shard
+    val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, tc.seed)
+    eval_set = val_loader.eval_batches(tc.eval_batches)
+
+    seed_everything(tc.seed)
+    model = MoELM(cfg.model).to(dev)
+    optimizer = build_optimizer(model, tc)
+    schedule = Schedule(optimizer, tc, n_total)
+    precision = Precision.from_config(tc.dtype, dev)
+    scaler = precision.grad_scaler()
+    state = {"step": 0, "tokens": 0, "val_loss": None, "best_val_loss": None, "train_loss": None,
+             "train_wall_s": 0.0}
+    if resume_ckpt is not None:
+        ckpt_io.load_weights(model, resume_ckpt)
+        optimizer.load_state_dict(saved["optimizer"])
+        apply_hyperparameters(optimizer, tc)
+        schedule.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state.update({k: v for k, v in saved["state"].items() if k in state})
+        train_loader.load_state_dict(saved["state"].get("data", {}))
+        ckpt_io.restore_rng(saved["rng"])
+        ckpt_io.remove_stale_tmp(run_dir)
+    start = state["step"]
+    if stop_at is not None and not start < stop_at <= n_total:
+        raise ConfigError(f"stop_at={stop_at}: expected {start} < stop_at <= {n_total}")
+    end = n_total if stop_at is None else stop_at
+
+    counts = count(cfg.model, seq_len=tc.seq_len)
+    params = {"params_total": counts["params_total"], "params_active": counts["params_active"]}
+    write_run_files(run_dir, cfg, data_dir, meta, str(dev), params,
+                    resumed_from=resume_ckpt.name if resume_ckpt is not None else None)
+    fwd = torch.compile(model) if tc.compile else model
+    logger = MetricsLogger(run_dir, start if resume_ckpt is not None else None, tensorboard)
+    bar = Progress(n_total, start, progress, cfg.name)
+    rows = tc.batch_size // tc.grad_accum
+    tokens_per_step = tc.batch_size * tc.seq_len
+    session_tokens, session_train_s = 0, 0.0
+
+    def validate(step: int) -> None:
+        res = evaluate_loss(fwd, eval_set, rows, dev, precision)
+        state["val_loss"] = res["val_loss"]
+        best = state["best_val_loss"]
+        state["best_val_loss"] = res["val_loss"] if best is None else min(best, res["val_loss"])
+        logger.log({"step": step, "val_loss": res["val_loss"], "tokens": state["tokens"],
+                    **{k: v for k, v in res.items() if k != "val_loss"}})
+        bar.val = res["val_loss"]
+
+    def save(step: int) -> None:
+        trainer_state = {**state, "step": step, "total_steps": n_total,
+                         "data": {"next_batch": step, **train_loader.state_dict()},
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ckpt_io.write_training_checkpoint(run_dir, step, model, cfg, optimizer,
+                                          schedule, scaler, trainer_state,
+                                          keep_last=tc.keep_last)
+
+    try:
+        if start == 0 and tc.eval_every:
+            validate(0)  # the untrained baseline every curve starts from
+        fwd.train()
+        for s in range(start, end):
+            t0 = time.perf_counter()
+            x_BT, y_BT = train_loader.get_batch(s)
+            x_BT, y_BT = x_BT.to(dev, non_blocking=True), y_BT.to(dev, non_blocking=True)
+            lr = schedule.apply()
+            try:
+                stats = train_step(fwd, optimizer, x_BT, y_BT, tc.grad_accum, tc.grad_clip,
+                                   precision, scaler)
+            except NonFiniteLoss as e:
+                raise _non_finite_error(run_dir, s + 1, e.stats) from None
+            schedule.advance()
+            dt = time.perf_counter() - t0
+            step = s + 1
+            state["step"], state["train_loss"] = step, stats["loss"]
+            state["tokens"] += tokens_per_step
+            state["train_wall_s"] += dt
+            session_tokens += tokens_per_step
+            session_train_s += dt
+            if step % max(1, tc.log_every) == 0 or step == end:
+                logger.log({"step": step, **stats, "lr": lr, "tokens": state["tokens"],
+                            "tokens_per_s": tokens_per_step / dt, "step_s": dt})
+            bar.update(1, stats["loss"], lr, tokens_per_step / dt)
+            if (tc.eval_every and step % tc.eval_every == 0) or step == n_total:
+                validate(step)
+            if (tc.save_every and step % tc.save_every == 0) or step == end:
+                save(step)
+    finally:
+        bar.close()
+        logger.close()
+    return {
+        "steps": state["step"],
+        "total_steps": n_total,
+        "tokens": state["tokens"],
+        "tokens_per_s": session_tokens / session_train_s if session_train_s else 0.0,
+        "wall_s": time.perf_counter() - wall_start,
+        "final_loss": state["train_loss"],
+        "val_loss": state["val_loss"],
+        "best_val_loss": state["best_val_loss"],
+        **params,
+        "device": str(dev),
+        "resumed_from": resume_ckpt.name if resume_ckpt is not None else None,
+        "run_dir": str(run_dir),
+    }
+
+
+def _non_finite_error(run_dir: Path, step: int, stats: dict) -> TrainingError:
+    last = ckpt_io.latest_checkpoint(run_dir)
+    if last is not None:
+        good = (f"checkpoint {last.name} is the last good one (continue from it with "
+                f"--resume, e.g. with a lower --set train.lr=...)")
+    else:
+        good = "no checkpoint was written before it (try a lower --set train.lr=...)"
+    return TrainingError(f"loss became non-finite at step {step} (loss {stats.get('loss')}, "
+                         f"grad_norm {stats.get('grad_norm')}); training stopped, {good}")

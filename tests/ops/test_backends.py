@@ -1,0 +1,82 @@
+"""Backend names, the automatic choice, fallbacks and the CUDA-only paths."""
+import importlib.util
+
+import pytest
+import torch
+
+from engine_cases import assert_close, make_case
+from moelab.config import MOE_BACKENDS
+from moelab.errors import ConfigError
+from moelab.ops import CHOICES, build_plan, choose_backend, expert_ffn, resolve_backend
+from moelab.ops.backends import grouped_mm_supported
+
+
+def test_config_backends_are_all_known():
+    assert set(MOE_BACKENDS) <= set(CHOICES)
+
+
+def test_unknown_backend_names_value_and_choices():
+    x, w = torch.randn(4, 8), torch.randn(2, 8, 8)
+    with pytest.raises(ConfigError) as err:
+        resolve_backend("fast", x, w, 8, 2)
+    msg = str(err.value)
+    assert "'fast'" in msg and all(name in msg for name in CHOICES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 4, 4096])
+def test_auto_picks_a_working_backend_on_cpu(dtype, T):
+    E, d, h, k = 16, 64, 32, 2
+    x = torch.randn(T, d, dtype=dtype)
+    w = torch.randn(E, d, h, dtype=dtype)
+    name = resolve_backend("auto", x, w, T * k, E)
+    assert name in ("loop", "scatter", "grouped_mm", "padded")
+    assert name == choose_backend(x, w, T * k, E)
+    assert name == ("padded" if T * k <= 4 * E else "scatter")
+
+
+def test_auto_runs_in_fp32_and_bf16():
+    for dtype in (torch.float32, torch.bfloat16):
+        c = make_case("general", dtype)
+        y = expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], c["weights"], backend="auto")
+        y.float().sum().backward()
+        assert y.dtype == dtype and torch.isfinite(c["w1"].grad.float()).all()
+
+
+def test_grouped_mm_falls_back_when_unsupported():
+    w = torch.randn(2, 12, 8, dtype=torch.bfloat16)  # 12 * 2 bytes: not a multiple of 16
+    assert not grouped_mm_supported(torch.randn(3, 12, dtype=torch.bfloat16), w)
+    assert resolve_backend("grouped_mm", torch.randn(3, 12, dtype=torch.bfloat16), w, 6, 2) \
+        == "loop"
+    assert resolve_backend("grouped_mm", torch.randn(3, 8).double(),
+                           torch.randn(2, 8, 8).double(), 6, 2) == "loop"
+    # and the fallback computes the right thing on unaligned widths
+    gen = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(5, 6, generator=gen), torch.randn(3, 6, 5, generator=gen), \
+        torch.randn(3, 5, 6, generator=gen)
+    plan = build_plan(torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0], [1, 0]]), 3)
+    want = expert_ffn(x, w1, w2, plan, backend="loop")
+    assert_close(expert_ffn(x, w1, w2, plan, backend="grouped_mm"), want, 1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("triton") is not None,
+                    reason="CPU-only behaviour")
+def test_triton_needs_cuda():
+    c = make_case("general")
+    with pytest.raises(ConfigError, match="triton.*CUDA|CUDA.*triton"):
+        expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "loop", "scatter", "grouped_mm", "padded"])
+def test_cuda_backends_match_cpu(backend):
+    c = make_case("general", gated=True)
+    want = expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], c["weights"], "silu", c["w3"],
+                      backend="loop")
+    dev = torch.device("cuda")
+    args = [c[k].detach().to(dev) for k in ("x", "w1", "w2")]
+    plan = build_plan(c["idx"].to(dev), c["E"])
+    got = expert_ffn(*args, plan, c["weights"].detach().to(dev), "silu",
+                     c["w3"].detach().to(dev), backend=backend)
+    assert_close(got.cpu(), want.detach(), 1e-4, backend)

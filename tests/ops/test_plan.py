@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from moelab.ops import RoutingPlan, build_plan
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 1, 1), (1, 5, 3), (37, 6, 3), (100, 64, 8), (9, 4, 4)])
+def test_plan_invariants(T, E, k):
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    plan = build_plan(idx, E)
+    S = T * k
+    assert isinstance(plan, RoutingPlan)
+    assert (plan.n_tokens, plan.top_k, plan.n_pairs, plan.n_experts) == (T, k, S, E)
+    assert plan.offsets_E1.shape == (E + 1,) and plan.offsets_E1[0] == 0
+    assert plan.offsets_E1[-1] == S
+    assert sum(plan.counts()) == S
+    assert plan.counts() == torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    flat = idx.reshape(-1)
+    # order sorts by expert; rows are the token of each sorted pair; inverse inverts order
+    assert torch.equal(flat[plan.order_S], plan.expert_S)
+    assert bool((plan.expert_S[1:] >= plan.expert_S[:-1]).all())
+    assert torch.equal(plan.rows_S, plan.order_S // k)
+    assert torch.equal(plan.order_S[plan.inverse_S], torch.arange(S))
+    assert torch.equal(plan.inverse_S[plan.order_S], torch.arange(S))
+    for e in range(E):
+        lo, hi = plan.offsets_E1[e].item(), plan.offsets_E1[e + 1].item()
+        assert bool((plan.expert_S[lo:hi] == e).all())
+        # stable: inside an expert the pairs keep token order
+        assert bool((plan.order_S[lo:hi].diff() > 0).all())
+    assert plan.offsets_i32().dtype == torch.int32
+    assert plan.offsets_i32().tolist() == plan.offsets_E1[1:].tolist()
+
+
+def test_sort_unsort_roundtrip():
+    idx = torch.tensor([[2, 0], [1, 2], [2, 1]])
+    plan = build_plan(idx, 3)
+    assert plan.counts() == [1, 2, 3]
+    v = torch.arange(6.0).view(3, 2)
+    s = plan.sort_pairs(v)
+    assert s.tolist() == [1.0, 2.0, 5.0, 0.0, 3.0, 4.0]
+    assert torch.equal(plan.unsort_pairs(s), v)
+
+
+def test_plan_accepts_leading_dims_and_1d():
+    idx = torch.randint(0, 4, (2, 5, 3))
+    assert build_plan(idx, 4).n_tokens == 10
+    assert build_plan(torch.tensor([3, 0, 3]), 4).counts() == [1, 0, 0, 2]
+
+
+def test_plan_rejects_bad_indices():
+    with pytest.raises(ValueError, match="out of range"):
+        build_plan(torch.tensor([[0, 4]]), 4)
+    with pytest.raises(TypeError):
+        build_plan(torch.tensor([[0.0, 1.0]]), 4)
+
+
+def test_counts_are_lazy_off_cpu_semantics():
+    # On CPU the host counts come free with the build; the property must agree with the tensor.
+    plan = build_plan(torch.tensor([[1], [1], [0]]), 3)
+    assert plan.counts_E.tolist() == plan.counts() == [1, 2, 0]
+    plan._counts = None
+    assert plan.counts() == [1, 2, 0] and plan.max_count() == 2
