@@ -25,10 +25,13 @@ from moelab.registry import ATTENTION, FFN
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        # Modules the token and channel mixers of this layer may share (UMoE: one expert bank
+        # held by attention and FFN). The mixer built first creates them; both hold references.
+        shared: dict[str, nn.Module] = {}
         self.attn_norm = block_norm(cfg)
-        self.attn = ATTENTION.get(cfg.attention.kind)(cfg, layer_idx)
+        self.attn = ATTENTION.get(cfg.attention.kind)(cfg, layer_idx, shared=shared)
         self.ffn_norm = block_norm(cfg)
-        self.ffn = FFN.get(cfg.ffn.kind)(cfg, layer_idx)
+        self.ffn = FFN.get(cfg.ffn.kind)(cfg, layer_idx, shared=shared)
 
     def forward(self, x_BTD: torch.Tensor, cache: Optional[LayerCache], past: int,
                 ctx: ForwardContext) -> torch.Tensor:

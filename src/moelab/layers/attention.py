@@ -58,7 +58,7 @@ def first_token_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, past: int)
 class DenseAttention(nn.Module):
     """softmax(q k^T / sqrt(d)) v with n_kv_heads <= n_heads (GQA/MQA) and an optional gate."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
         super().__init__()
         a, d = cfg.attention, cfg.d_model
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.kv_heads, cfg.head_dim

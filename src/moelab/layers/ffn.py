@@ -16,7 +16,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 class DenseFFN(nn.Module):
     """down(act(x W_gate) * (x W_up)) when gated (SwiGLU with silu), else down(act(x W_up))."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, d_ff: int | None = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
+                 d_ff: int | None = None):
         super().__init__()
         f, d = cfg.ffn, cfg.d_model
         h = d_ff or f.d_ff

@@ -28,7 +28,8 @@ class MoEFFN(nn.Module):
 
     router_kind: str | None = None  # None: the config's router.kind
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, bank: ExpertBank | None = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
+                 bank: ExpertBank | None = None):
         super().__init__()
         f, d = cfg.ffn, cfg.d_model
         self.n_experts, self.top_k = f.n_experts, f.top_k
