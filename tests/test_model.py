@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -98,3 +100,23 @@ def test_meta_device_build_of_paper_preset():
     with torch.device("meta"):
         m = MoELM(load_preset("gated-paper-1.7b").model)
     assert 1.7e9 < m.num_params() < 1.9e9
+
+
+def test_moeut_init_stds():
+    from moelab.config import load_preset
+
+    torch.manual_seed(0)
+    cfg = load_preset("sigma-moe-tiny").with_overrides(
+        ["model.init.scheme=moeut", "model.tie_embeddings=false"]).model
+    m = MoELM(cfg)
+    s = math.sqrt(2 / cfg.n_layers)
+    d, E, h = cfg.d_model, cfg.ffn.n_experts, cfg.ffn.expert_dim
+    f = m.layers[0].ffn
+    assert m.layers[0].attn.q_proj.weight.std().item() == pytest.approx(s / math.sqrt(d), rel=0.05)
+    assert f.experts.w1_EDH.std().item() == pytest.approx(s / math.sqrt(d), rel=0.05)
+    assert f.experts.w2_EHD.std().item() == pytest.approx(s / math.sqrt(E * h), rel=0.05)
+    rows = f.router.weight.norm(dim=-1)
+    assert torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-5)  # renormalised rows
+    assert m.embed.weight.std().item() == pytest.approx(1 / math.sqrt(d), rel=0.05)
+    bound = 1 / math.sqrt(d)  # untied head keeps nn.Linear's default U(-1/sqrt(d), 1/sqrt(d))
+    assert m.head.weight.abs().max().item() <= bound + 1e-6

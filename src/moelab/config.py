@@ -191,7 +191,7 @@ class NormConfig:
 
 @dataclass
 class InitConfig:
-    scheme: str = "normal"  # normal(std) | depth_scaled (residual outputs / sqrt(2 L)) | moeut
+    scheme: str = "normal"  # normal | depth_scaled | moeut (see moelab/layers/init.py)
     std: float = 0.02
 
     def validate(self, p: str) -> None:

@@ -7,7 +7,6 @@ order; each position in the schedule has its own KV cache.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from moelab.config import ModelConfig
 from moelab.layers.base import ForwardContext, KVCache, LayerCache
+from moelab.layers.init import init_weights
 from moelab.layers.norms import block_norm, make_norm
 from moelab.layers.routers import finish_entropy_losses
 from moelab.registry import ATTENTION, FFN
@@ -138,26 +138,3 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int
         logits_BV = logits_BV.masked_fill(drop, float("-inf"))
     probs = logits_BV.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# initialisation
-# ---------------------------------------------------------------------------------------------
-def init_weights(model: MoELM, cfg: ModelConfig) -> None:
-    """N(0, std) for every matrix and the embedding; zeros for biases; norms keep weight 1.
-
-    `depth_scaled` divides the std of parameters that write into the residual stream (tagged with
-    `mark_residual_out`) by sqrt(2 n_layers). Parameters tagged `keep_init` keep the init of the
-    module that owns them.
-    """
-    std = cfg.init.std
-    out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.init.scheme == "depth_scaled" else std
-    norm_params = {id(p) for m in model.modules()
-                   if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) for p in m.parameters()}
-    for name, p in model.named_parameters():
-        if id(p) in norm_params or getattr(p, "_moelab_keep_init", False):
-            continue
-        if name.endswith("bias"):
-            nn.init.zeros_(p)
-        else:
-            nn.init.normal_(p, std=out_std if getattr(p, "_moelab_residual_out", False) else std)

@@ -12,6 +12,7 @@ from moelab.config import ModelConfig
 from moelab.layers.base import Counts, ForwardContext, linear_counts, mark_residual_out
 from moelab.layers.experts import ExpertBank
 from moelab.layers.ffn import DenseFFN
+from moelab.layers.init import set_fan_in
 from moelab.layers.norms import make_norm
 from moelab.layers.routers import make_router
 from moelab.ops import build_plan
@@ -81,6 +82,12 @@ class SigmaMoEFFN(MoEFFN):
     (the paper: relu, not gated)."""
 
     router_kind = "sigmoid_topk"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
+                 bank: ExpertBank | None = None):
+        super().__init__(cfg, layer_idx, shared=shared, bank=bank)
+        # MoEUT init draws the output experts with std s / sqrt(E * expert_dim) (reference 1.5)
+        set_fan_in(self.experts.w2_EHD, cfg.ffn.n_experts * cfg.ffn.expert_dim)
 
 
 def _with_kind(rcfg, kind):
