@@ -1,4 +1,4 @@
-"""moelab command line: train | eval | generate | info | data | bench | demo.
+"""moelab command line: train | eval | report | generate | info | data | bench | demo.
 
 Every command reports user mistakes (`MoelabError`: config, data, checkpoint) as one line on stderr
 with exit code 2, never a traceback.
@@ -71,13 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity on a held-out split")
+    p = sub.add_parser("eval", help="perplexity, built-in zero-shot tasks, lm-evaluation-harness")
     p.add_argument("run_dir")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--data", help="data directory (default: the one the run was trained on)")
+    p.add_argument("--tasks", help="built-in zero-shot tasks instead of perplexity: cloze,minpairs")
+    p.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS",
+                   help="run lm-evaluation-harness tasks in-process (e.g. moelab_cloze)")
+    p.add_argument("--include-path", help="extra lm-eval task directory")
+    p.add_argument("--limit", type=int, default=None, help="items per task")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="figures and a markdown summary of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    p.add_argument("--data", help="data directory for the held-out diagnostics")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -208,6 +220,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    device = "cpu" if args.device == "auto" else args.device
+    if args.tasks or args.lm_eval:
+        res = {}
+        if args.tasks:
+            from moelab.eval.zeroshot import run_tasks
+
+            res["tasks"] = run_tasks(args.run_dir, _names(args.tasks), limit=args.limit,
+                                     batch_size=args.batch_size, device=device)
+        if args.lm_eval:
+            from moelab.eval.harness import run_lm_eval
+
+            res["lm_eval"] = run_lm_eval(args.run_dir, _names(args.lm_eval),
+                                         include_path=args.include_path, limit=args.limit,
+                                         batch_size=args.batch_size, device=device)
+        print(json.dumps(res, indent=None if args.json else 2, default=str))
+        return 0
     from moelab.eval.perplexity import evaluate_run
 
     res = evaluate_run(args.run_dir, split=args.split, data_dir=args.data, device=args.device)
@@ -216,6 +244,18 @@ def cmd_eval(args) -> int:
     else:
         print(f"{args.split}: perplexity {res['perplexity']:.3f}, mean per-document perplexity "
               f"{res['doc_perplexity']:.3f} over {res['tokens']:,} tokens")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_report(args) -> int:
+    from moelab.eval.report import write_report
+
+    path = write_report(args.run_dir, out_dir=args.out, data_dir=args.data)
+    print(f"wrote {path}")
     return 0
 
 

@@ -35,38 +35,6 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
-def register_test_moe() -> str:
-    """A minimal routed FFN kind (top-k over linear experts) so routing reports can be tested
-    without depending on the MoE layers being written elsewhere."""
-    import torch.nn as nn
-
-    from moelab.layers.routers import make_router
-    from moelab.registry import FFN
-
-    name = "eval_test_moe"
-    if name in FFN:
-        return name
-
-    @FFN.register(name)
-    class TestMoE(nn.Module):
-        def __init__(self, cfg, layer_idx):
-            super().__init__()
-            f, d = cfg.ffn, cfg.d_model
-            self.router = make_router(d, f.n_experts, f.top_k, cfg.router, name="ffn_router")
-            self.w_EDD = nn.Parameter(torch.randn(f.n_experts, d, d) * 0.02)
-
-        def forward(self, x_BTD, ctx):
-            r = self.router(x_BTD, ctx)
-            y_BTD = torch.zeros_like(x_BTD)
-            for k in range(r.idx_BTK.shape[-1]):
-                w_BTDD = self.w_EDD[r.idx_BTK[..., k]]
-                y_BTD = y_BTD + r.weights_BTK[..., k, None] * torch.einsum(
-                    "btd,btde->bte", x_BTD, w_BTDD)
-            return y_BTD
-
-    return name
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import make_run, register_test_moe
+from conftest import make_run
 
 from moelab.eval.report import write_report
 
@@ -88,10 +88,10 @@ def test_dense_report(tiny_run, tmp_path):
 
 
 def test_moe_report_has_routing_sections(tmp_path):
-    kind = register_test_moe()
     run = tmp_path / "run"
     run.mkdir()
-    make_run(run, f"model.ffn.kind={kind}", "model.ffn.n_experts=4", "model.ffn.top_k=1")
+    make_run(run, "model.ffn.kind=moe", "model.ffn.n_experts=4", "model.ffn.top_k=1",
+             "model.ffn.expert_dim=16")
     write_metrics(run, routers=True)
     md_path = write_report(run, windows=4)
     assert md_path == run / "report" / "report.md"

@@ -40,6 +40,9 @@ def test_minpairs_items():
     assert len(items) == 350
     counts = collections.Counter(it["phenomenon"] for it in items)
     assert counts == {p: minpairs.PER_PHENOMENON for p in minpairs.PHENOMENA}
+    # both directions equally often, so always preferring one form scores exactly chance
+    features = collections.Counter((it["phenomenon"], it["feature"]) for it in items)
+    assert set(features.values()) == {minpairs.PER_PHENOMENON // 2}
     for it in items:
         good, bad = it["good"].split(), it["bad"].split()
         assert len(good) == len(bad) and good != bad

@@ -72,11 +72,20 @@ def test_prefix_split_when_a_merge_crosses_the_boundary():
     assert encode_pairs(tok, [("", "ab")]) == [([EOS], [1, 2])]
 
 
-@pytest.fixture(scope="module")
-def real_model(tiny_run):
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def real_model(request, tiny_run):
+    """The tiny run's model, and a routed-FFN model of the same size with its tokenizer."""
+    from conftest import VOCAB
+    from helpers import tiny
+
     from moelab.eval.results import load_run
+    from moelab.model import MoELM
 
     model, tok, cfg, _, _ = load_run(tiny_run)
+    if request.param == "moe":
+        cfg = tiny(f"model.vocab_size={VOCAB}", "model.ffn.kind=moe", "model.ffn.n_experts=4",
+                   "model.ffn.top_k=2", "model.ffn.expert_dim=16")
+        model = MoELM(cfg.model).eval()
     return model, tok
 
 

@@ -36,8 +36,10 @@ from typing import Sequence
 
 import torch
 
+from moelab.errors import ConfigError
 from moelab.eval.results import (MissingDependencyError, checkpoint_step, context_length,
                                  load_run, merge_eval_json)
+from moelab.train.checkpoint import resolve_checkpoint
 
 try:
     # lm_eval.models first: lm-eval fills its built-in model table only while its registry is
@@ -246,10 +248,11 @@ def run_lm_eval(run_dir: str | Path, tasks: Sequence[str] | str, include_path: s
     # the built-in tasks' bare names are accepted too (cloze -> moelab_cloze)
     names = [LM_EVAL_PREFIX + t if t in TASKS else t for t in (t.strip() for t in tasks) if t]
     if not names:
-        raise ValueError("no lm-eval task given")
+        raise ConfigError("no lm-eval task given; e.g. moelab_cloze,moelab_minpairs")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit {limit}: expected a positive number of items")
     start = time.perf_counter()
-    lm = MoelabLM(path=str(run_dir), device=device, batch_size=batch_size)
-    owner = Path(lm.checkpoint).parent.parent
+    owner = resolve_checkpoint(Path(run_dir).expanduser()).parent.parent
     paths = [include_path] if include_path else []
     local = _local_tasks(names)
     if local:
@@ -257,6 +260,13 @@ def run_lm_eval(run_dir: str | Path, tasks: Sequence[str] | str, include_path: s
     # lm-eval's ~10k built-in YAMLs take seconds to index: skip them when all tasks are ours
     manager = TaskManager(include_path=paths or None,
                           include_defaults=len(local) < len(names) or bool(include_path))
+    unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
+    if unknown:
+        raise ConfigError(f"lm-eval task {unknown[0]!r} not found; built in here: "
+                          f"{', '.join(LM_EVAL_PREFIX + t for t in TASKS)}; lm-eval's own "
+                          "tasks are listed by `lm_eval ls tasks`; your YAML tasks need "
+                          "--include-path DIR")
+    lm = MoelabLM(path=str(run_dir), device=device, batch_size=batch_size)
     res = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                           log_samples=False)
     ckpt = Path(lm.checkpoint)
@@ -278,9 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["export-tasks"]:
         print(export_lm_eval_tasks(argv[1] if len(argv) > 1 else "moelab_lm_eval_tasks"))
         return 0
-    if "--tasks" in argv and "--include_path" not in argv:
-        i = argv.index("--tasks")
-        local = _local_tasks(argv[i + 1].split(",")) if i + 1 < len(argv) else []
+    given = [a.split("=", 1)[1] if a.startswith("--tasks=") else argv[i + 1]
+             for i, a in enumerate(argv)
+             if a.startswith("--tasks=") or (a == "--tasks" and i + 1 < len(argv))]
+    if given and not any(a.split("=")[0] == "--include_path" for a in argv):
+        local = _local_tasks([t for g in given for t in g.split(",")])
         if local:
             import tempfile
 

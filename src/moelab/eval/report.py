@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moelab.errors import DataError
 from moelab.eval.results import (MissingDependencyError, checkpoint_step, context_length,
                                  jsonable, load_run)
 
@@ -59,6 +60,9 @@ def _heldout_tokens(run_dir: Path, cfg, tok, data_dir) -> tuple[list[np.ndarray]
     for cand in candidates:
         if cand and Path(cand).expanduser().is_dir():
             meta = load_meta(cand)
+            if meta["vocab_size"] > cfg.model.vocab_size:
+                raise DataError(f"data dir {cand}: tokenizer has {meta['vocab_size']} tokens, "
+                                f"the model {cfg.model.vocab_size}; it is not this run's data")
             for split in ("test", "val"):
                 if meta["tokens"].get(split):
                     docs = [d for d in iter_documents(cand, split) if len(d)]
@@ -183,6 +187,10 @@ def plot_loss(records: list[dict], path: Path) -> None:
         if val:
             ax.plot([r.get(x_key, 0) for r in val], [r["val_loss"] for r in val], "o-", ms=4,
                     label="validation loss")
+        if x_key == "tokens":
+            from matplotlib.ticker import EngFormatter
+
+            ax.xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than an 1e6 offset
         ax.set_xlabel(x_label)
         ax.set_ylabel("cross-entropy (nats / token)")
         ax.set_title(f"Loss vs {x_label}")

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from moelab.errors import ConfigError
 from moelab.layers.base import KVCache
 
 TokPair = tuple[list[int], list[int]]  # (context ids starting with EOS, continuation ids)
@@ -283,7 +284,7 @@ def run_tasks(run_dir: str | Path, tasks: Sequence[str], limit: int | None = Non
 
     names = check_task_names(tasks)
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit {limit}: expected a positive number of items")
+        raise ConfigError(f"--limit {limit}: expected a positive number of items")
     model, tok, cfg, ckpt, owner = load_run(run_dir, device)
     out = {}
     for name in names:

@@ -7,7 +7,7 @@ much pleased with the news") is that of the Austen novels and Shakespeare plays 
 on, so the test is about agreement, not about unknown words.
 
 Phenomena (`PER_PHENOMENON` pairs each, drawn with a fixed seed from every combination of the
-template's slots):
+template's slots, half with a singular (masculine) and half with a plural (feminine) good form):
   sv_simple       The captain was very kind.            / The captain were very kind.
   sv_across_pp    The sister of the captains was ...    / ... were ...  (attractor: other number)
   sv_across_rc    The lady that the captains met was ... / ... were ...
@@ -62,11 +62,13 @@ def _sentence(*words: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+# Each generator yields (feature, good, bad): feature is what the good sentence's changed word
+# agrees with ("sg"/"pl" number, "m"/"f" gender), so sampling can balance the two directions.
 def _sv_simple():
     for (sg, pl, _), (vs, vp, comps) in itertools.product(NOUNS, VERBS):
         for comp in comps:
-            yield _sentence("the", sg, vs, comp), _sentence("the", sg, vp, comp)
-            yield _sentence("the", pl, vp, comp), _sentence("the", pl, vs, comp)
+            yield "sg", _sentence("the", sg, vs, comp), _sentence("the", sg, vp, comp)
+            yield "pl", _sentence("the", pl, vp, comp), _sentence("the", pl, vs, comp)
 
 
 def _sv_across_pp():
@@ -75,9 +77,9 @@ def _sv_across_pp():
         if sg == asg:
             continue
         for comp in comps:  # the attractor has the other number than the subject
-            yield (_sentence("the", sg, prep, "the", apl, vs, comp),
+            yield ("sg", _sentence("the", sg, prep, "the", apl, vs, comp),
                    _sentence("the", sg, prep, "the", apl, vp, comp))
-            yield (_sentence("the", pl, prep, "the", asg, vp, comp),
+            yield ("pl", _sentence("the", pl, prep, "the", asg, vp, comp),
                    _sentence("the", pl, prep, "the", asg, vs, comp))
 
 
@@ -87,40 +89,42 @@ def _sv_across_rc():
         if sg == asg:
             continue
         for comp in comps:
-            yield (_sentence("the", sg, "that the", apl, rc, vs, comp),
+            yield ("sg", _sentence("the", sg, "that the", apl, rc, vs, comp),
                    _sentence("the", sg, "that the", apl, rc, vp, comp))
-            yield (_sentence("the", pl, "that the", asg, rc, vp, comp),
+            yield ("pl", _sentence("the", pl, "that the", asg, rc, vp, comp),
                    _sentence("the", pl, "that the", asg, rc, vs, comp))
 
 
 def _det_noun():
     for (name, _), verb, (sg, pl) in itertools.product(NAMES, OBJECT_VERBS, OBJECTS):
         for d_sg, d_pl in (("this", "these"), ("that", "those")):
-            yield _sentence(name, verb, d_sg, sg), _sentence(name, verb, d_pl, sg)
-            yield _sentence(name, verb, d_pl, pl), _sentence(name, verb, d_sg, pl)
+            yield "sg", _sentence(name, verb, d_sg, sg), _sentence(name, verb, d_pl, sg)
+            yield "pl", _sentence(name, verb, d_pl, pl), _sentence(name, verb, d_sg, pl)
 
 
 def _anaphor_number():
     for (sg, pl, gender), verb in itertools.product(NOUNS, REFLEXIVE_VERBS):
         if gender is None:
             continue  # "the friend praised themselves" is arguable today; keep pairs clear-cut
-        yield (_sentence("the", sg, verb, REFLEXIVE[gender]),
+        yield ("sg", _sentence("the", sg, verb, REFLEXIVE[gender]),
                _sentence("the", sg, verb, "themselves"))
-        yield (_sentence("the", pl, verb, "themselves"),
+        yield ("pl", _sentence("the", pl, verb, "themselves"),
                _sentence("the", pl, verb, REFLEXIVE[gender]))
 
 
 def _anaphor_gender():
     for (name, gender), verb in itertools.product(NAMES, REFLEXIVE_VERBS):
         other = "f" if gender == "m" else "m"
-        yield _sentence(name, verb, REFLEXIVE[gender]), _sentence(name, verb, REFLEXIVE[other])
+        yield (gender, _sentence(name, verb, REFLEXIVE[gender]),
+               _sentence(name, verb, REFLEXIVE[other]))
 
 
 def _there_be():
     for (sg, pl), place in itertools.product(OBJECTS, PLACES):
-        yield _sentence("there was a", sg, place), _sentence("there were a", sg, place)
+        yield "sg", _sentence("there was a", sg, place), _sentence("there were a", sg, place)
         for q in QUANTIFIERS:
-            yield _sentence("there were", q, pl, place), _sentence("there was", q, pl, place)
+            yield ("pl", _sentence("there were", q, pl, place),
+                   _sentence("there was", q, pl, place))
 
 
 PHENOMENA = {
@@ -131,13 +135,22 @@ PHENOMENA = {
 
 
 def build(seed: int = SEED, per_phenomenon: int = PER_PHENOMENON) -> list[dict]:
-    """The task's items: {"id", "phenomenon", "good", "bad"}, phenomena interleaved."""
+    """The task's items: {"id", "phenomenon", "feature", "good", "bad"}, phenomena interleaved.
+
+    Each phenomenon has as many items whose good sentence needs the singular (or masculine) form
+    as the plural (or feminine) one, so a model that always prefers one form ("was" over "were",
+    the shorter sentence) scores exactly chance.
+    """
     rng = random.Random(seed)
     items = []
     for name, gen in PHENOMENA.items():
-        pairs = sorted(set(gen()))  # every combination once, in a fixed order
-        for good, bad in rng.sample(pairs, min(per_phenomenon, len(pairs))):
-            items.append({"phenomenon": name, "good": good, "bad": bad})
+        by_feature: dict[str, list] = {}
+        for feature, good, bad in sorted(set(gen())):  # every combination once, fixed order
+            by_feature.setdefault(feature, []).append((good, bad))
+        share = per_phenomenon // len(by_feature)
+        for feature, pairs in sorted(by_feature.items()):
+            for good, bad in rng.sample(pairs, min(share, len(pairs))):
+                items.append({"phenomenon": name, "feature": feature, "good": good, "bad": bad})
     rng.shuffle(items)
     for i, it in enumerate(items):
         it["id"] = f"minpairs-{i:04d}"
