@@ -1,4 +1,4 @@
-"""moelab command line: train | eval | report | generate | info | data | bench | demo.
+"""moelab command line: train | eval | report | generate | compare | info | data | bench | demo.
 
 Every command reports user mistakes (`MoelabError`: config, data, checkpoint) as one line on stderr
 with exit code 2, never a traceback.
@@ -90,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN_DIR/report)")
     p.add_argument("--data", help="data directory for the held-out diagnostics")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="train several architectures side by side at matched compute")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--presets", help="comma-separated preset names")
+    g.add_argument("--all-tiny", action="store_true", help="every *-tiny preset")
+    p.add_argument("--data", required=True, help="directory written by `moelab data prepare`")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens per model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--match-macs", metavar="REF",
+                   help="adjust each model's free size knob to REF's forward MACs/token (+-5%%)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every model (e.g. train.batch_size=8)")
+    p.add_argument("--tasks", default="cloze,minpairs", help="zero-shot tasks ('' for none)")
+    p.add_argument("--task-limit", type=int, default=200, help="items per zero-shot task")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -256,6 +273,21 @@ def cmd_report(args) -> int:
 
     path = write_report(args.run_dir, out_dir=args.out, data_dir=args.data)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from moelab.compare.study import run_compare, tiny_presets
+
+    presets = tiny_presets() if args.all_tiny else _names(args.presets)
+    try:
+        seeds = tuple(int(s) for s in _names(args.seeds))
+    except ValueError:
+        raise MoelabError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    run_compare(presets, args.data, args.tokens, args.out, match_ref=args.match_macs,
+                seeds=seeds, sets=tuple(args.sets), tasks=tuple(_names(args.tasks)),
+                task_limit=args.task_limit, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
     return 0
 
 

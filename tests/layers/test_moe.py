@@ -137,3 +137,18 @@ def test_umoe_paper_base_ffnmoe_size():
     dense_ffn = 12 * 2 * 768 * 3072
     routed_active = 12 * 16 * 2 * 768 * 192
     assert routed_active == dense_ffn
+
+
+@pytest.mark.parametrize("sets", [MOE, SIGMA])
+def test_inference_mode_then_training_forward(sets):
+    """The engine's reusable CPU buffers must not leak inference tensors into a later pass."""
+    torch.manual_seed(0)
+    m = MoELM(tiny(*sets).model)
+    x = torch.randint(0, 97, (2, 8))
+    with torch.inference_mode():
+        a = m(x).logits
+    with torch.no_grad():
+        b = m(x).logits
+    out = m(x, x)
+    out.loss.backward()
+    assert torch.allclose(a, b) and torch.allclose(b, out.logits.detach())

@@ -1,0 +1,199 @@
+"""Run a comparison study: same data, same token order, same seed, optionally matched MACs.
+
+Each model trains in OUT/NAME (a normal run directory); once trained and evaluated its row is
+written to OUT/NAME/compare.json, so a re-run skips finished models and resumes an interrupted
+one from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from moelab.compare.matching import macs_per_token, match_macs
+from moelab.config import load_preset, preset_names
+from moelab.errors import ConfigError
+from moelab.flops import count, human
+
+COLUMNS = ["model", "preset", "seed", "params_total", "params_active", "macs_per_token",
+           "tokens", "tokens_per_s", "wall_s", "val_loss", "val_ppl", "cloze_acc",
+           "cloze_acc_norm", "minpairs_acc", "dead_experts", "load_imbalance", "matched"]
+
+
+def tiny_presets() -> list[str]:
+    return [n for n in preset_names() if n.endswith("-tiny")]
+
+
+def _say(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
+def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: str | Path,
+                match_ref: str | None = None, seeds: tuple[int, ...] = (0,),
+                sets: tuple[str, ...] = (), tasks: tuple[str, ...] = ("cloze", "minpairs"),
+                task_limit: int | None = 200, eval_tokens: int | None = 60_000,
+                progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from moelab.train.checkpoint import list_checkpoints
+    from moelab.train.loop import train
+
+    if not presets:
+        raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref_macs = None
+    if match_ref:
+        ref_cfg = load_preset(match_ref).with_overrides(list(sets))
+        ref_macs = macs_per_token(ref_cfg.model, ref_cfg.train.seq_len)
+        _say(f"matching forward MACs/token to {match_ref}: {human(ref_macs)}")
+    jobs = [(p, s) for p in presets for s in seeds]
+    rows = []
+    bar = tqdm(jobs, desc="compare", unit="model", disable=not progress, position=0)
+    for preset, seed in bar:
+        name = preset if len(seeds) == 1 else f"{preset}@s{seed}"
+        bar.set_postfix_str(name)
+        cfg = load_preset(preset).with_overrides([*sets, f"train.seed={seed}"])
+        matched = ""
+        if ref_macs is not None:
+            res = match_macs(cfg, ref_macs)
+            cfg, matched = res.config, res.describe()
+            _say(matched)
+        steps = max(1, math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len)))
+        run_dir = out / name
+        key = {"steps": steps, "config": cfg.to_dict()["model"], "seed": seed,
+               "data": str(Path(data_dir).resolve())}
+        done = run_dir / "compare.json"
+        if done.is_file() and json.loads(done.read_text()).get("key") == key:
+            _say(f"{name}: finished earlier, skipping")
+            rows.append(json.loads(done.read_text())["row"])
+            continue
+        _say(f"{name}: {steps} steps of {cfg.train.batch_size} x {cfg.train.seq_len} tokens")
+        summary = train(cfg, data_dir=data_dir, out_dir=run_dir, steps=steps,
+                        resume=bool(list_checkpoints(run_dir)), progress=progress, device="cpu")
+        row = evaluate_member(run_dir, cfg, summary, tasks, task_limit, eval_tokens)
+        row.update(model=name, preset=preset, seed=seed, matched=matched)
+        done.write_text(json.dumps({"key": key, "row": row}, indent=2))
+        rows.append(row)
+    write_results(rows, out)
+    plot_curves(out, [r["model"] for r in rows])
+    return rows
+
+
+def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_tokens) -> dict:
+    from moelab.eval.perplexity import evaluate_run
+    from moelab.eval.zeroshot import run_tasks
+
+    ev = evaluate_run(run_dir, split="val", device="cpu", max_tokens=eval_tokens)
+    zs = run_tasks(run_dir, list(tasks), limit=task_limit, device="cpu") if tasks else {}
+    c = count(cfg.model, seq_len=cfg.train.seq_len)
+    row = {
+        "params_total": c["params_total"], "params_active": c["params_active"],
+        "macs_per_token": c["macs_per_token"], "tokens": summary["tokens"],
+        "tokens_per_s": summary["tokens_per_s"], "wall_s": summary["wall_s"],
+        "val_loss": math.log(ev["perplexity"]), "val_ppl": ev["perplexity"],
+        "cloze_acc": zs.get("cloze", {}).get("acc"),
+        "cloze_acc_norm": zs.get("cloze", {}).get("acc_norm"),
+        "minpairs_acc": zs.get("minpairs", {}).get("acc"),
+    }
+    row.update(routing_stats(run_dir))
+    return row
+
+
+def routing_stats(run_dir: Path, n_batches: int = 4) -> dict:
+    """Dead experts and load imbalance of the final model on validation batches.
+
+    Loads are averaged over the batches per router; a dead expert received no routed pair in any
+    of them; imbalance is max load / mean load (1.0 = perfectly even), averaged over routers.
+    """
+    import torch
+
+    from moelab.data.loader import TokenLoader
+    from moelab.train.checkpoint import load_model
+    from moelab.train.rundir import read_run_info
+
+    model, cfg, _ = load_model(run_dir)
+    data_dir = read_run_info(run_dir).get("data_dir") or cfg.data.dir
+    loader = TokenLoader(data_dir, "val", 8, cfg.train.seq_len, seed=0)
+    loads: dict[str, list] = {}
+    model.eval()
+    with torch.no_grad():
+        for x_BT, _ in loader.eval_batches(n_batches):
+            for k, v in model(x_BT).metrics.items():
+                if k.endswith(".load"):
+                    loads.setdefault(k, []).append(v.float())
+    if not loads:
+        return {"dead_experts": None, "load_imbalance": None}
+    dead, imbalance = 0, []
+    for vs in loads.values():
+        load = torch.stack(vs).mean(0)
+        dead += int((load == 0).sum())
+        imbalance.append(float(load.max() / load.mean()))
+    return {"dead_experts": dead, "load_imbalance": sum(imbalance) / len(imbalance)}
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None:
+        return "–"
+    return {"h": human(v), "f2": f"{v:.2f}", "f3": f"{v:.3f}", "i": f"{v:,.0f}"}[kind]
+
+
+def write_results(rows: list[dict], out: Path) -> str:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| model | params | active | MACs/token | tokens | tokens/s | wall s | val ppl | "
+             "cloze acc | minpairs acc | dead experts | load max/mean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["val_ppl"]):
+        lines.append(
+            f"| {r['model']} | {_fmt(r['params_total'], 'h')} | {_fmt(r['params_active'], 'h')} | "
+            f"{_fmt(r['macs_per_token'], 'h')} | {_fmt(r['tokens'], 'h')} | "
+            f"{_fmt(r['tokens_per_s'], 'i')} | {_fmt(r['wall_s'], 'i')} | {_fmt(r['val_ppl'], 'f2')} | "
+            f"{_fmt(r['cloze_acc'], 'f3')} | {_fmt(r['minpairs_acc'], 'f3')} | "
+            f"{_fmt(r['dead_experts'], 'i')} | {_fmt(r['load_imbalance'], 'f2')} |")
+    changes = [r["matched"] for r in rows if r.get("matched")]
+    if changes:
+        lines += ["", "MAC matching:"] + [f"- {c}" for c in changes]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def plot_curves(out: Path, names: list[str]) -> None:
+    """Validation loss against training tokens and against training wall time, all models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moelab.train.metrics import read_metrics
+
+    fig_t, ax_t = plt.subplots(figsize=(7, 4.5))
+    fig_w, ax_w = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        recs = read_metrics(out / name)
+        elapsed, t_of_step = 0.0, {0: 0.0}
+        for r in recs:
+            if "step_s" in r:
+                elapsed += r["step_s"]
+                t_of_step[r["step"]] = elapsed
+        val = [(r["tokens"], t_of_step.get(r["step"], elapsed), r["val_loss"])
+               for r in recs if "val_loss" in r]
+        if not val:
+            continue
+        tok, wall, loss = zip(*val)
+        ax_t.plot([t / 1e6 for t in tok], loss, marker="o", ms=3, label=name)
+        ax_w.plot(wall, loss, marker="o", ms=3, label=name)
+    for ax, fig, xlabel, fname in ((ax_t, fig_t, "training tokens (millions)", "val_loss_vs_tokens.png"),
+                                   (ax_w, fig_w, "training wall time (s)", "val_loss_vs_time.png")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title("Validation loss, same data and token order")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)

@@ -1,0 +1,37 @@
+import csv
+import json
+
+from moelab.cli import main
+
+
+def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
+    from train.conftest import TINY
+
+    sets = [s for s in TINY if not s.startswith("model.ffn")]
+    sets += ["train.eval_every=4", "train.save_every=100"]
+    argv = ["compare", "--presets", "dense-tiny,sigma-moe-tiny", "--data", str(tiny_data),
+            "--tokens", str(8 * 64 * 8), "--out", str(tmp_path / "cmp"), "--match-macs",
+            "dense-tiny", "--task-limit", "8", "--no-progress"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    out = tmp_path / "cmp"
+    table = (out / "results.md").read_text()
+    assert "dense-tiny" in table and "sigma-moe-tiny" in table and "MAC matching" in table
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["model"] for r in rows] == ["dense-tiny", "sigma-moe-tiny"]
+    for r in rows:
+        assert int(r["tokens"]) == 8 * 64 * 8 and float(r["val_ppl"]) > 1
+    assert rows[0]["dead_experts"] == "" and rows[1]["dead_experts"] != ""
+    macs = [float(r["macs_per_token"]) for r in rows]
+    assert abs(macs[1] / macs[0] - 1) <= 0.05
+    for png in ("val_loss_vs_tokens.png", "val_loss_vs_time.png"):
+        assert (out / png).stat().st_size > 5000
+    # a second run skips both finished models (their checkpoints are not touched)
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/model.safetensors")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, skipping") == 2
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/model.safetensors")}
+    assert json.loads((out / "dense-tiny" / "compare.json").read_text())["row"]["model"] == "dense-tiny"
