@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: prepare data, train, evaluate, sample")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--presets", default=None, help="comma-separated presets")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--presets", default=None, help="comma-separated presets (default: every *-tiny)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per model")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap
 
@@ -300,7 +301,8 @@ def cmd_bench_moe_layer(args) -> int:
 def cmd_demo(args) -> int:
     from moelab.demo import run_demo
 
-    return run_demo(out=args.out, presets=args.presets, steps=args.steps) or 0
+    return run_demo(out=args.out, presets=args.presets, tokens=args.tokens,
+                    progress=not args.no_progress) or 0
 
 
 if __name__ == "__main__":
