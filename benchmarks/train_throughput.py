@@ -6,7 +6,7 @@ same `train_step` the training loop runs. The (preset, precision) pairs are time
 one step each per round (--warmup untimed rounds, then --steps timed ones), so a load change on
 a shared machine affects every pair alike; the table reports each pair's median step.
 
-    python benchmarks/train_throughput.py [--steps 20] [--dtypes float32,bfloat16] [--no-write]
+    python benchmarks/train_throughput.py [--steps 10] [--dtypes float32,bfloat16] [--no-write]
 
 The table is printed and written to benchmarks/RESULTS.md between the
 `<!-- train_throughput:start -->` / `<!-- train_throughput:end -->` markers (other sections of
@@ -57,7 +57,8 @@ def make_step(preset: str, dtype: str, device: torch.device):
         return time.perf_counter() - t0
 
     info = {"preset": preset, "dtype": dtype, "batch": f"{tc.batch_size}x{tc.seq_len}",
-            "params": count(cfg.model)["params_total"], "tokens": tc.batch_size * tc.seq_len}
+            "params": count(cfg.model)["params_total"],
+            "active": count(cfg.model)["params_active"], "tokens": tc.batch_size * tc.seq_len}
     return info, step
 
 
@@ -81,12 +82,13 @@ def bench(pairs: list[tuple[str, str]], steps: int, warmup: int, device: torch.d
 
 def table(rows: list[dict]) -> str:
     by_key = {(r["preset"], r["dtype"]): r for r in rows}
-    lines = ["| preset | params | batch (seqs x tokens) | precision | step (ms) | tokens/s "
-             "| vs float32 |", "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| preset | params (active) | batch (seqs x tokens) | precision | step (ms) "
+             "| tokens/s | vs float32 |", "|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
         base = by_key.get((r["preset"], "float32"))
         rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f} M | {r['batch']} | {r['dtype']} "
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f} M ({r['active'] / 1e6:.2f} M) "
+                     f"| {r['batch']} | {r['dtype']} "
                      f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {rel} |")
     return "\n".join(lines)
 
@@ -121,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default=None, help="comma-separated (default: every *-tiny)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds (one step per row each)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")

@@ -180,3 +180,32 @@ def test_step_metrics_average_over_micro_batches():
     assert stats["layer0.router.load_max"] == pytest.approx(1.0)
     assert stats["layer0.router.load_min"] == pytest.approx(0.0)
     assert stats["grad_norm"] == pytest.approx(1.0)  # d(loss + aux)/dw = 0.5 + 0.5
+
+
+def test_moe_resume_restores_router_noise_and_logs_routing(tiny_data, tmp_path, metrics_of):
+    """Router jitter draws from the torch RNG during training, so an exact MoE resume needs
+    the RNG state of the checkpoint; routing metrics land in metrics.jsonl."""
+    from moelab.config import load_preset, preset_names
+
+    if "moe-tiny" not in preset_names():
+        pytest.skip("no moe-tiny preset in this tree")
+    cfg = load_preset("moe-tiny").with_overrides([
+        "model.d_model=64", "model.n_layers=2", "model.attention.n_heads=2",
+        "model.vocab_size=512", "model.max_seq_len=64", "model.ffn.n_experts=4",
+        "model.ffn.expert_dim=32", "model.ffn.shared_expert_dim=64", "model.router.jitter=0.1",
+        "train.seq_len=64", "train.batch_size=8", "train.eval_every=5", "train.eval_batches=2",
+        "train.save_every=5", "train.warmup_steps=2", "train.grad_accum=2"])
+    train(cfg, tiny_data, tmp_path / "a", steps=10, progress=False, tensorboard=False)
+    train(cfg, tiny_data, tmp_path / "b", steps=10, stop_at=5, progress=False, tensorboard=False)
+    train(cfg, tiny_data, tmp_path / "b", steps=10, resume=True, progress=False,
+          tensorboard=False)
+    a_train, a_val = metrics_of(tmp_path / "a")
+    b_train, b_val = metrics_of(tmp_path / "b")
+    assert [a_train[s]["loss"] for s in range(1, 11)] == [b_train[s]["loss"] for s in range(1, 11)]
+    assert [a_val[s]["val_loss"] for s in (0, 5, 10)] == [b_val[s]["val_loss"] for s in (0, 5, 10)]
+    line = a_train[1]
+    assert line["aux_loss"] > 0 and any(k.startswith("aux.layer0.") for k in line)
+    for suffix in (".entropy", ".load_max", ".load_min", ".dead"):  # router names vary by kind
+        assert any(k.startswith("layer0.") and k.endswith(suffix) for k in line), suffix
+    loads = [v for k, v in a_val[10].items() if k.startswith("layer1.") and k.endswith(".load")]
+    assert loads and len(loads[0]) == 4 and sum(loads[0]) == pytest.approx(1.0, abs=1e-4)
