@@ -84,8 +84,6 @@ class AttentionConfig:
             )
         if self.head_dim is not None:
             _positive(p + ".head_dim", self.head_dim)
-        if self.dim_per_head(d_model) % 2:
-            raise ConfigError(f"{p}.head_dim: {self.dim_per_head(d_model)} must be even for RoPE")
         if not (0.0 <= self.rope_fraction <= 1.0):
             raise ConfigError(f"{p}.rope_fraction: {self.rope_fraction} must be in [0, 1]")
         _positive(p + ".rope_theta", self.rope_theta)
