@@ -19,6 +19,7 @@ from moelab.data.shards import (FORMAT, FORMAT_VERSION, META_FILE, SPLITS, TOKEN
                                 ShardWriter, sha256_file, token_dtype, write_meta)
 from moelab.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from moelab.errors import DataError
+from moelab.fsutil import pid_alive
 
 # Documents are encoded in groups of about this many characters: large enough to keep every core
 # busy, small enough that the token lists of one group stay well under a GB.
@@ -160,17 +161,7 @@ def _remove_stale_tmp(out: Path) -> None:
     """Delete temp dirs left by killed prepares of the same `out` (their process is gone)."""
     for p in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

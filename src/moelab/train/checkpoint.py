@@ -30,6 +30,7 @@ from safetensors.torch import save_model as st_save_model
 
 from moelab.config import Config
 from moelab.errors import CheckpointError, MoelabError
+from moelab.fsutil import pid_alive
 
 PREFIX = "step-"
 
@@ -227,20 +228,10 @@ def remove_stale_tmp(run_dir: str | Path) -> None:
         return
     for p in root.glob(".tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
