@@ -66,6 +66,8 @@ class AttentionConfig:
     n_shared_experts: int = 0
     expert_dim: Optional[int] = None  # width of an attention expert (d_v); None = head_dim
     q_rank: int = 0  # UMoE low-rank expert query rank r
+    router_kind: Optional[str] = None  # attention routers' kind; None = the kind's default
+    entropy_coef: Optional[float] = None  # attention routers' entropy coefficient (MoEUT: 0.001)
 
     def validate(self, p: str, d_model: int) -> None:
         _kind(p + ".kind", self.kind, "ATTENTION")
@@ -94,6 +96,10 @@ class AttentionConfig:
         _non_negative(p + ".q_rank", self.q_rank)
         if self.expert_dim is not None:
             _positive(p + ".expert_dim", self.expert_dim)
+        if self.router_kind is not None:
+            _kind(p + ".router_kind", self.router_kind, "ROUTER")
+        if self.entropy_coef is not None:
+            _non_negative(p + ".entropy_coef", self.entropy_coef)
         if self.n_experts and self.top_k > self.n_experts:
             raise ConfigError(
                 f"{p}.top_k: {self.top_k} is above n_experts={self.n_experts} "
