@@ -41,3 +41,13 @@ def test_user_errors_are_one_line(capsys, argv, words):
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert sum(line.startswith("moelab: error:") for line in err.splitlines()) == 1
+
+
+def test_info_reports_macs_relative_to_dense_baseline(capsys):
+    assert main(["info", "--preset", "sigma-moe-tiny", "--json", "--seq", "128"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["baseline"]["name"] == "dense-tiny"
+    assert res["baseline"]["macs_ratio"] == pytest.approx(
+        res["macs_forward"] / res["baseline"]["macs_forward"])
+    assert main(["info", "--preset", "moe-tiny", "--baseline", "gated-tiny"]) == 0
+    assert "vs dense baseline gated-tiny" in capsys.readouterr().out

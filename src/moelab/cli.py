@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: max_seq_len)")
     p.add_argument("--full-attention", action="store_true",
                    help="count the full T^2 attention matmuls, as the papers' profilers do")
+    p.add_argument("--baseline", help="dense preset to compare MACs with (default: the family's "
+                                      "dense baseline, e.g. moeut-dense-244m for moeut-244m)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -150,6 +152,13 @@ def cmd_info(args) -> int:
     cfg = resolve_config(args.preset, args.config, args.sets)
     res = count(cfg.model, batch=args.batch, seq_len=args.seq, full_attention=args.full_attention)
     res = {"name": cfg.name, **res}
+    base_name = args.baseline or dense_baseline(cfg.name)
+    if base_name and base_name != cfg.name:
+        base = count(load_preset(base_name).model, batch=args.batch, seq_len=res["seq_len"],
+                     full_attention=args.full_attention)
+        res["baseline"] = {"name": base_name, "macs_forward": base["macs_forward"],
+                           "params_total": base["params_total"],
+                           "macs_ratio": res["macs_forward"] / base["macs_forward"]}
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -164,7 +173,25 @@ def cmd_info(args) -> int:
           f"{human(res['macs_per_token'])} per token")
     for k, v in sorted(res["components"]["macs"].items(), key=lambda kv: -kv[1]):
         print(f"    {k:24s} {human(v):>9s}  {100 * v / res['macs_forward']:5.1f}%")
+    if "baseline" in res:
+        b = res["baseline"]
+        print(f"  vs dense baseline {b['name']}: {b['macs_ratio']:.2f}x its forward MACs "
+              f"({human(res['macs_forward'])} vs {human(b['macs_forward'])}), "
+              f"{res['params_total'] / b['params_total']:.2f}x its parameters")
     return 0
+
+
+def dense_baseline(name: str) -> str | None:
+    """The dense preset a family's models are compared with, when it exists."""
+    from moelab.config import preset_names
+
+    if name.endswith("-tiny"):
+        cand = "dense-tiny"
+    elif name.startswith("moeut-") and not name.startswith("moeut-dense-"):
+        cand = "moeut-dense-" + name[len("moeut-"):]
+    else:  # umoe-paper-base-umoe -> umoe-paper-base-dense, mole-paper-160m-mole4e -> ...-dense
+        cand = name.rsplit("-", 1)[0] + "-dense" if "-paper-" in name else None
+    return cand if cand in preset_names() else None
 
 
 def cmd_generate(args) -> int:
