@@ -23,16 +23,22 @@ def test_unknown_backend_names_value_and_choices():
     assert "'fast'" in msg and all(name in msg for name in CHOICES)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T", [1, 4, 4096])
-def test_auto_picks_a_working_backend_on_cpu(dtype, T):
+@pytest.mark.parametrize("dtype,T,want", [
+    (torch.float32, 1, "loop"), (torch.float32, 64, "padded"), (torch.float32, 4096, "scatter"),
+    (torch.bfloat16, 4, "loop"), (torch.bfloat16, 512, "padded"),
+    (torch.bfloat16, 8192, "scatter")])
+def test_auto_picks_a_working_backend_on_cpu(dtype, T, want):
+    # (E=16 experts: enough for `padded` to pay at small batches; see the next test for few)
     E, d, h, k = 16, 64, 32, 2
     x = torch.randn(T, d, dtype=dtype)
     w = torch.randn(E, d, h, dtype=dtype)
     name = resolve_backend("auto", x, w, T * k, E)
-    assert name in ("loop", "scatter", "grouped_mm", "padded")
-    assert name == choose_backend(x, w, T * k, E)
-    assert name == ("padded" if T * k <= 4 * E else "scatter")
+    assert name == choose_backend(x, w, T * k, E) == want
+
+
+def test_auto_with_few_experts_skips_padded():
+    x, w = torch.randn(32, 8), torch.randn(6, 8, 8)
+    assert choose_backend(x, w, 64, 6) == "scatter"
 
 
 def test_auto_runs_in_fp32_and_bf16():
@@ -80,3 +86,40 @@ def test_cuda_backends_match_cpu(backend):
     got = expert_ffn(*args, plan, c["weights"].detach().to(dev), "silu",
                      c["w3"].detach().to(dev), backend=backend)
     assert_close(got.cpu(), want.detach(), 1e-4, backend)
+
+
+@pytest.mark.parametrize("backend", ["loop", "scatter", "grouped_mm", "padded"])
+def test_autocast_bf16_runs_in_bf16_and_grads_reach_fp32_params(backend):
+    c = make_case("general")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], c["weights"], backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert c["w1"].grad.dtype == torch.float32 and c["weights"].grad is not None
+    want = expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], c["weights"], backend="loop")
+    err = (y.float() - want).norm() / want.norm()
+    assert err < 2e-2
+
+
+def test_mixed_dtypes_without_autocast_are_an_error():
+    c = make_case("general")
+    with pytest.raises(ValueError, match="bfloat16"):
+        expert_ffn(c["x"], c["w1"].bfloat16(), c["w2"].bfloat16(), c["plan"])
+
+
+def test_flop_counter_sees_every_expert_matmul(monkeypatch):
+    # worker threads would escape FlopCounterMode (a thread-local dispatch mode): run inline
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moelab.ops import parallel
+    monkeypatch.setattr(parallel, "MIN_PAIRS_PER_WORKER", 1)
+    parallel.set_expert_threads(2)
+    try:
+        c = make_case("general")
+        T, d = c["x"].shape
+        h, k = c["w1"].shape[2], c["plan"].top_k
+        with FlopCounterMode(display=False) as fc:
+            expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], c["weights"], backend="scatter")
+        assert fc.get_total_flops() == 2 * T * k * (d * h + h * d)
+    finally:
+        parallel.set_expert_threads(None)

@@ -124,3 +124,15 @@ def test_errors():
         expert_ffn(c["x"], c["w1"], c["w2"], c["plan"], backend="megablocks")
     with pytest.raises(ValueError, match="expert weights"):
         expert_ffn(c["x"], c["w1"], c["w1"], c["plan"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_tokens(backend):
+    x = torch.randn(0, 8, requires_grad=True)
+    w1 = torch.randn(4, 8, 8, requires_grad=True)
+    w2 = torch.randn(4, 8, 8, requires_grad=True)
+    from moelab.ops import build_plan
+    plan = build_plan(torch.zeros(0, 2, dtype=torch.long), 4)
+    y = expert_ffn(x, w1, w2, plan, torch.zeros(0, 2), backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 8) and not w1.grad.any() and not w2.grad.any()

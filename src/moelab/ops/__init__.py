@@ -9,10 +9,13 @@ See docs/engine.md for the backends and the automatic choice.
 """
 from moelab.ops.backends import BACKENDS, CHOICES, check_backend, choose_backend, resolve_backend
 from moelab.ops.expert_ffn import expert_ffn, expert_ffn_sorted
+from moelab.ops.parallel import set_expert_threads
 from moelab.ops.plan import RoutingPlan, build_plan
 from moelab.ops.routed import combine, routed_matmul
+from moelab.ops.workspace import release_workspace
 
 __all__ = [
     "BACKENDS", "CHOICES", "RoutingPlan", "build_plan", "check_backend", "choose_backend",
-    "combine", "expert_ffn", "expert_ffn_sorted", "resolve_backend", "routed_matmul",
+    "combine", "expert_ffn", "expert_ffn_sorted", "release_workspace", "resolve_backend",
+    "routed_matmul", "set_expert_threads",
 ]

@@ -2,20 +2,24 @@
 
 A backend is how the per-expert matmuls of a routed op are executed:
 
-- `loop`: Python loop over experts, `torch.mm` on contiguous slices of the sorted rows, custom
-  backward writing each dW slice into one preallocated gradient. Works for every dtype/device.
-- `scatter`: like `loop` but each expert gathers its own token rows (no (S, d) gathered copy);
-  for `expert_ffn` it is the fully fused gather -> W1 -> act -> W2 -> weighted scatter-add kernel
-  (moelab/ops/fused.py). The fastest choice on CPU for training-sized batches.
+- `loop`: one gather of the sorted rows, then a sequential Python loop of `torch.mm` on
+  contiguous slices; custom backward writing each dW slice into one preallocated gradient.
+  Every dtype/device. The simple baseline (and, with reference.py, the correctness anchor).
+- `scatter`: each expert gathers its own rows into a reused buffer (no (S, d) copy), experts are
+  split over worker threads, 16-bit CPU matmuls run on bucketed row counts; for `expert_ffn` it
+  is the fused gather -> W1 -> act -> W2 -> weighted-reduce kernel of fused.py. The fastest
+  choice on CPU for training-sized batches.
 - `grouped_mm`: `torch.nn.functional.grouped_mm` forward and backward (needs float32/bf16/fp16
   and rows whose byte stride is a multiple of 16; otherwise it falls back to `loop`).
-- `padded`: experts' rows scattered into an (E, C, d) zero-padded buffer (C = largest expert
-  count) and one `torch.bmm`; one call instead of E, which wins when batches are decode-sized.
-- `triton`: reserved for a CUDA kernel; needs CUDA tensors and an importable triton.
+- `padded`: rows scattered into an (E, C, d) zero-padded buffer (C = largest expert count) and
+  one `torch.bmm`; one call instead of E, which wins for decode-sized batches.
+- `triton`: reserved for a CUDA kernel; needs CUDA tensors and an importable triton, and none
+  ships yet (a clear error says so).
 - `auto`: chosen per call by `choose_backend` from device, dtype and shape.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -25,9 +29,14 @@ from moelab.errors import ConfigError
 BACKENDS = ("loop", "scatter", "grouped_mm", "padded", "triton")
 CHOICES = ("auto",) + BACKENDS
 
-# Below this many routed pairs per expert (on average) one padded bmm beats E small matmuls plus
-# E Python iterations on CPU (measured: E=64, d=512, h=128; the crossover is near 4 pairs/expert).
-PADDED_MAX_PAIRS_PER_EXPERT = 4
+# CPU crossovers, measured with 2 threads (E=64, d=512, h=128, k=8 and E=8, h=1024, k=2; see
+# docs/engine.md). Fewer pairs than experts (decode of a few tokens): the plain loop, which only
+# touches the experts actually used, where `padded` reads every expert's weights. Up to
+# PADDED_MAX_PAIRS_PER_EXPERT pairs per expert on average (and many experts): one padded bmm
+# beats E small matmuls and their Python iterations. Otherwise the `scatter` kernels.
+PADDED_MAX_PAIRS_PER_EXPERT = {torch.float32: 32, torch.bfloat16: 128, torch.float16: 128}
+# With few experts the loop's per-expert overhead is small and `padded` gained nothing (E=8).
+PADDED_MIN_EXPERTS = 16
 
 
 def check_backend(name: str) -> str:
@@ -56,16 +65,18 @@ def grouped_mm_supported(x: torch.Tensor, w_EIO: torch.Tensor) -> bool:
 
 
 def choose_backend(x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int, n_experts: int) -> str:
-    """The automatic choice. Measured on CPU (benchmarks/RESULTS.md): `scatter` for training
-    batches in float32 and bf16, `padded` when there are only a few pairs per expert (decode).
-    On CUDA: `grouped_mm` where the kernel supports the operands, otherwise `padded` for small
-    batches and `loop` for large ones."""
-    small = n_pairs <= PADDED_MAX_PAIRS_PER_EXPERT * n_experts
+    """The automatic choice (see the constants above for the CPU measurements). On CUDA:
+    `grouped_mm` where the kernel supports the operands, else `padded` for small batches and
+    `loop` for large ones (untested here: the development machine has no GPU)."""
+    per_expert = n_pairs / max(n_experts, 1)
+    small = per_expert <= PADDED_MAX_PAIRS_PER_EXPERT.get(x.dtype, 32)
     if x.device.type == "cuda":
         if grouped_mm_supported(x, w_EIO):
             return "grouped_mm"
         return "padded" if small else "loop"
-    return "padded" if small else "scatter"
+    if per_expert < 1:
+        return "loop"
+    return "padded" if small and n_experts >= PADDED_MIN_EXPERTS else "scatter"
 
 
 def resolve_backend(name: str, x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int,
@@ -83,3 +94,21 @@ def resolve_backend(name: str, x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: in
         raise NotImplementedError("moe_backend='triton': no Triton kernel ships in this version "
                                   "of moelab; use 'grouped_mm' on CUDA")
     return name
+
+
+def amp_inputs(x: torch.Tensor, *ws: torch.Tensor | None):
+    """Under autocast, cast x and the expert weights to the autocast dtype (what autocast does
+    for a matmul) and return a context that disables autocast inside the engine, whose kernels
+    use out= ops and worker threads that autocast cannot follow. Without autocast: unchanged.
+    Either way the operands must then share one dtype."""
+    dev = x.device.type
+    ctx = contextlib.nullcontext()
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, ws = x.to(dt), tuple(None if w is None else w.to(dt) for w in ws)
+        ctx = torch.autocast(dev, enabled=False)
+    for w in ws:
+        if w is not None and w.dtype != x.dtype:
+            raise ValueError(f"expert weights are {w.dtype} but the input is {x.dtype}; cast "
+                             "one of them (or run under torch.autocast)")
+    return (x, *ws), ctx

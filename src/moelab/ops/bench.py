@@ -5,7 +5,7 @@ What is timed (per step, median over repeats, dense and every backend interleave
 - MoE:   build_plan(expert_idx) + expert_ffn (gather, both expert matmuls, weighted combine) and
          its backward to x, W1, W2 and the router weights. The router itself (logits, softmax,
          top-k) is excluded: its cost is the same for every backend and the dense layer has none.
-Routing is top-k of a softmax over random logits (roughly balanced). Low precision means pure
+Routing is top-k of a softmax over random logits (roughly balanced), a new draw every step. Low precision means pure
 bf16 tensors (parameters and activations), not autocast; router weights stay float32.
 ratio = dense_ms / moe_ms; 1.0 means the routed layer is as fast as the dense one.
 """
@@ -50,7 +50,8 @@ def _time_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _setup(shape: dict, dtype: torch.dtype, n_tokens: int, device: torch.device, seed: int):
+def _setup(shape: dict, dtype: torch.dtype, n_tokens: int, device: torch.device, seed: int,
+           n_routings: int):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d, E, h, k = shape["d_model"], shape["n_experts"], shape["d_expert"], shape["top_k"]
 
@@ -59,21 +60,27 @@ def _setup(shape: dict, dtype: torch.dtype, n_tokens: int, device: torch.device,
 
     x = torch.randn(n_tokens, d, generator=gen).to(device, dtype).requires_grad_()
     g = torch.randn(n_tokens, d, generator=gen).to(device, dtype)
-    logits = torch.randn(n_tokens, E, generator=gen).to(device)
-    weights, idx = logits.softmax(-1).topk(k, dim=-1)
-    weights = weights.requires_grad_()
+    # A fresh routing decision per step, as in training: per-expert counts change every step
+    # (which matters: CPU bf16 matmul kernels are compiled per shape). Every backend sees the
+    # same sequence of routings.
+    routings = []
+    for _ in range(n_routings):
+        logits = torch.randn(n_tokens, E, generator=gen).to(device)
+        weights, idx = logits.softmax(-1).topk(k, dim=-1)
+        routings.append((idx, weights.requires_grad_()))
     dense = (param(d, k * h), param(k * h, d))
     moe = (param(E, d, h), param(E, h, d))
-    return x, g, idx, weights, dense, moe, E
+    return x, g, routings, dense, moe, E
 
 
-def _steps(x, g, idx, weights, dense, moe, E):
-    def dense_step():
+def _steps(x, g, routings, dense, moe, E):
+    def dense_step(i):
         y = act_forward(ACTIVATION, x @ dense[0]) @ dense[1]
         y.backward(g)
 
     def moe_step(backend):
-        def step():
+        def step(i):
+            idx, weights = routings[i % len(routings)]
             plan = build_plan(idx, E)
             if backend == "reference":
                 y = reference_expert_ffn(x, moe[0], moe[1], plan, weights, ACTIVATION)
@@ -92,7 +99,7 @@ def _clear(tensors):
 
 def run_benchmark(shapes=("coarse", "fine"), dtypes=("float32", "bfloat16"),
                   backends=ALL_BACKENDS, repeats: int = 5, n_tokens: int = 8192,
-                  warmup: int = 1, threads: int | None = 2, device: str = "cpu",
+                  warmup: int = 2, threads: int | None = 2, device: str = "cpu",
                   seed: int = 0) -> list[dict]:
     """Rows {shape, dtype, backend, dense_ms, moe_ms, ratio}; see the module docstring."""
     if threads:
@@ -101,17 +108,17 @@ def run_benchmark(shapes=("coarse", "fine"), dtypes=("float32", "bfloat16"),
     rows = []
     for shape_name in shapes:
         for dtype_name in dtypes:
-            x, g, idx, weights, dense, moe, E = _setup(SHAPES[shape_name], DTYPES[dtype_name],
-                                                       n_tokens, dev, seed)
-            leaves = (x, weights) + dense + moe
-            dense_step, moe_step = _steps(x, g, idx, weights, dense, moe, E)
+            x, g, routings, dense, moe, E = _setup(SHAPES[shape_name], DTYPES[dtype_name],
+                                                   n_tokens, dev, seed, warmup + repeats)
+            leaves = (x,) + tuple(w for _, w in routings) + dense + moe
+            dense_step, moe_step = _steps(x, g, routings, dense, moe, E)
             names = [b for b in backends if _available(b, dev)]
             steps = {"dense": dense_step} | {b: moe_step(b) for b in names}
             times = {name: [] for name in steps}
             for it in range(warmup + repeats):
                 for name, step in steps.items():  # interleaved: machine noise hits all alike
                     _clear(leaves)
-                    ms = _time_ms(step)
+                    ms = _time_ms(lambda: step(it))
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     if it >= warmup:
@@ -145,7 +152,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int) -> str:
+def _load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "n/a"
+
+
+def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
+                    load_before: str | None = None) -> str:
     shapes = "; ".join(f"{n}: d={s['d_model']}, {s['n_experts']} experts of {s['d_expert']}, "
                        f"top-{s['top_k']}" for n, s in SHAPES.items()
                        if any(r["shape"] == n for r in rows))
@@ -155,10 +170,14 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int)
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: "
-        f"{_cpu_name()}, threads: {torch.get_num_threads()}  ",
+        f"{_cpu_name()}, threads: {torch.get_num_threads()}, 1-minute load average before "
+        f"the run: {load_before or _load_average()} (other processes sharing the cores lower "
+        "these numbers, the MoE rows more than the dense ones)  ",
         f"{n_tokens} tokens; {shapes}; activation {ACTIVATION}, non-gated; median of {repeats} "
-        "forward+backward steps. MoE time includes the plan build and the combine, excludes the "
-        "router. bf16 = pure bf16 tensors (not autocast). ratio = dense_ms / moe_ms.",
+        "forward+backward steps after warm-up, dense and every backend interleaved. MoE time "
+        "includes the plan build and the combine, excludes the router; routing = top-k of a "
+        "softmax over random logits, redrawn every step. bf16 = pure bf16 tensors (not "
+        "autocast), router weights float32. ratio = dense_ms / moe_ms.",
         "",
         markdown_table(rows),
         END,
@@ -191,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n_tokens = args.tokens or (512 if args.quick else 8192)
     repeats = args.repeats or (2 if args.quick else 7)
+    load_before = _load_average()
     rows = run_benchmark(shapes=args.shapes, dtypes=args.dtypes, backends=args.backends,
                          repeats=repeats, n_tokens=n_tokens, threads=args.threads)
     if args.json:
@@ -200,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results:
         command = "python benchmarks/moe_layer.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        path = Path(args.results_file) if args.results_file else \
-            Path(__file__).resolve().parents[3] / "benchmarks" / "RESULTS.md"
-        write_results(results_section(rows, command.strip(), n_tokens, repeats), path)
+        repo_bench = Path(__file__).resolve().parents[3] / "benchmarks"  # src layout checkout
+        bench_dir = repo_bench if repo_bench.is_dir() else Path.cwd() / "benchmarks"
+        path = Path(args.results_file) if args.results_file else bench_dir / "RESULTS.md"
+        write_results(results_section(rows, command.strip(), n_tokens, repeats, load_before),
+                      path)
         print(f"wrote {path}", file=sys.stderr)
     return 0

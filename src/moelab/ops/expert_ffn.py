@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from moelab.ops.activations import act_forward, check_activation
-from moelab.ops.backends import resolve_backend
+from moelab.ops.backends import amp_inputs, resolve_backend
 from moelab.ops.fused import FusedExpertFFN
 from moelab.ops.plan import RoutingPlan
 from moelab.ops.routed import combine, routed_matmul
@@ -35,8 +35,10 @@ def expert_ffn_sorted(x_TD, w1_EDH, w2_EHD, plan, activation="silu", w3_EDH=None
     """Per-pair expert outputs (S, d) in sorted order, not combined (for per-slot consumers)."""
     check_activation(activation)
     _check(x_TD, w1_EDH, w2_EHD, w3_EDH, plan)
-    h_SH = expert_hidden_sorted(x_TD, w1_EDH, plan, activation, w3_EDH, backend)
-    return routed_matmul(h_SH, w2_EHD, plan, gather=False, backend=backend)
+    (x_TD, w1_EDH, w2_EHD, w3_EDH), amp = amp_inputs(x_TD, w1_EDH, w2_EHD, w3_EDH)
+    with amp:
+        h_SH = expert_hidden_sorted(x_TD, w1_EDH, plan, activation, w3_EDH, backend)
+        return routed_matmul(h_SH, w2_EHD, plan, gather=False, backend=backend)
 
 
 def expert_ffn(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.Tensor,
@@ -52,12 +54,14 @@ def expert_ffn(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.Tensor,
     """
     check_activation(activation)
     _check(x_TD, w1_EDH, w2_EHD, w3_EDH, plan)
+    (x_TD, w1_EDH, w2_EHD, w3_EDH), amp = amp_inputs(x_TD, w1_EDH, w2_EHD, w3_EDH)
     name = resolve_backend(backend, x_TD, w1_EDH, plan.n_pairs, plan.n_experts)
-    if name == "scatter":
-        w_S = None
-        if weights_TK is not None:
-            w_S = plan.sort_pairs(weights_TK.reshape(plan.n_tokens, plan.top_k)).to(x_TD.dtype)
-        return FusedExpertFFN.apply(x_TD, w_S, w1_EDH, w2_EHD, w3_EDH, plan, activation)
-    h_SH = expert_hidden_sorted(x_TD, w1_EDH, plan, activation, w3_EDH, name)
-    y_SD = routed_matmul(h_SH, w2_EHD, plan, gather=False, backend=name)
-    return combine(y_SD, plan, weights_TK)
+    with amp:
+        if name == "scatter":
+            w_S = None
+            if weights_TK is not None:  # kept in the router's dtype; its grad comes back so
+                w_S = plan.sort_pairs(weights_TK.reshape(plan.n_tokens, plan.top_k))
+            return FusedExpertFFN.apply(x_TD, w_S, w1_EDH, w2_EHD, w3_EDH, plan, activation)
+        h_SH = expert_hidden_sorted(x_TD, w1_EDH, plan, activation, w3_EDH, name)
+        y_SD = routed_matmul(h_SH, w2_EHD, plan, gather=False, backend=name)
+        return combine(y_SD, plan, weights_TK)

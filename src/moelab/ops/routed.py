@@ -3,79 +3,17 @@
 Shapes: x is (T, I) token-major when `gather=True`, or (S, I) already in sorted pair order when
 `gather=False` (the second matmul of an expert); W is (E, I, O); y is (S, O) in sorted order.
 
-Each backend is one autograd.Function with its own backward, because the naive autograd of a
-per-expert loop (`x_e @ w[e]`) makes every `w[e]` select allocate and zero-fill a full (E, I, O)
-gradient in the backward: measured at about 30% of a CPU training step.
+`loop`/`scatter` live in loop.py; `grouped_mm` and `padded` here.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from moelab.ops.backends import resolve_backend
-from moelab.ops.fused import accumulate_dtype
-from moelab.ops.plan import RoutingPlan
-
-_COMBINE_CHUNK = 4096  # rows per scatter-add chunk: keeps the weighted temporary in L2
-
-
-class LoopRoutedMM(torch.autograd.Function):
-    """`loop` (gathers all S rows once) and `scatter` (each expert gathers its own rows)."""
-
-    @staticmethod
-    def forward(ctx, x, w_EIO, plan: RoutingPlan, gather: bool, per_expert_gather: bool):
-        rows_S = plan.rows_S
-        y_SO = x.new_empty(plan.n_pairs, w_EIO.shape[2])
-        src = x.index_select(0, rows_S) if gather and not per_expert_gather else x
-        o = 0
-        for e, n in enumerate(plan.counts()):
-            if n:
-                x_nI = src.index_select(0, rows_S[o:o + n]) if src is x and gather \
-                    else src[o:o + n]
-                torch.mm(x_nI, w_EIO[e], out=y_SO[o:o + n])
-            o += n
-        ctx.save_for_backward(x, w_EIO)
-        ctx.plan, ctx.gather, ctx.per_expert = plan, gather, per_expert_gather
-        return y_SO
-
-    @staticmethod
-    def backward(ctx, g_SO):
-        x, w_EIO = ctx.saved_tensors
-        plan, gather = ctx.plan, ctx.gather
-        need_x, need_w = ctx.needs_input_grad[:2]
-        g_SO = g_SO.contiguous()
-        rows_S = plan.rows_S
-        dx = dw = None
-        if need_x:
-            # Gathered inputs get k contributions per token: accumulate them in float32 for 16-bit.
-            dx = (torch.zeros(x.shape, dtype=accumulate_dtype(x.dtype), device=x.device)
-                  if gather else torch.empty_like(x))
-        if need_w:
-            dw = torch.empty_like(w_EIO)
-        src = x
-        if need_w and gather and not ctx.per_expert:
-            src = x.index_select(0, rows_S)
-        o = 0
-        for e, n in enumerate(plan.counts()):
-            if n == 0:
-                if dw is not None:
-                    dw[e].zero_()
-                continue
-            g_nO = g_SO[o:o + n]
-            if dw is not None:
-                x_nI = src.index_select(0, rows_S[o:o + n]) if src is x and gather \
-                    else src[o:o + n]
-                torch.mm(x_nI.t(), g_nO, out=dw[e])
-            if dx is not None:
-                if gather:
-                    gx_nI = torch.mm(g_nO, w_EIO[e].t())
-                    dx.index_add_(0, rows_S[o:o + n], gx_nI.to(dx.dtype))
-                else:
-                    torch.mm(g_nO, w_EIO[e].t(), out=dx[o:o + n])
-            o += n
-        if dx is not None and dx.dtype != x.dtype:
-            dx = dx.to(x.dtype)
-        return dx, dw, None, None, None
+from moelab.ops.backends import amp_inputs, resolve_backend
+from moelab.ops.layout import bucketing_pays, reduce_slots
+from moelab.ops.loop import LoopRoutedMM
+from moelab.ops.plan import RoutingPlan, bucket_rows
 
 
 class GroupedRoutedMM(torch.autograd.Function):
@@ -99,12 +37,7 @@ class GroupedRoutedMM(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx_SI = F.grouped_mm(g_SO, w_EIO.transpose(1, 2), offs=offs)
-            if ctx.gather:
-                acc = accumulate_dtype(dx_SI.dtype)
-                dx = torch.zeros(ctx.n_rows, dx_SI.shape[1], dtype=acc, device=dx_SI.device)
-                dx = dx.index_add_(0, plan.rows_S, dx_SI.to(acc)).to(dx_SI.dtype)
-            else:
-                dx = dx_SI
+            dx = reduce_slots(dx_SI, plan.inverse_TK) if ctx.gather else dx_SI
         if ctx.needs_input_grad[1]:
             dw = F.grouped_mm(x_SI.t(), g_SO, offs=offs)  # empty groups come back as zeros
         return dx, dw, None, None
@@ -124,6 +57,8 @@ def padded_routed_mm(x, w_EIO, plan: RoutingPlan, gather: bool) -> torch.Tensor:
     autograd suffices: bmm's backward already produces the stacked dW without per-expert fills."""
     E, I, O = w_EIO.shape
     C = max(plan.max_count(), 1)
+    if bucketing_pays(x):
+        C = bucket_rows(C)  # a stable bmm shape: oneDNN compiles one kernel per shape
     dest_S = _padded_dest(plan, C)
     x_SI = x.index_select(0, plan.rows_S) if gather else x
     x_ECI = x.new_zeros(E * C, I).index_copy(0, dest_S, x_SI).view(E, C, I)
@@ -141,30 +76,27 @@ def routed_matmul(x: torch.Tensor, w_EIO: torch.Tensor, plan: RoutingPlan, *, ga
     if x.dim() != 2 or x.shape[0] != want or x.shape[1] != w_EIO.shape[1]:
         raise ValueError(f"x must be ({want}, {w_EIO.shape[1]}) with gather={gather}, "
                          f"got {tuple(x.shape)}")
+    (x, w_EIO), amp = amp_inputs(x, w_EIO)
     name = resolve_backend(backend, x, w_EIO, plan.n_pairs, plan.n_experts)
-    if name == "grouped_mm":
-        return GroupedRoutedMM.apply(x, w_EIO, plan, gather)
-    if name == "padded":
-        return padded_routed_mm(x, w_EIO, plan, gather)
-    return LoopRoutedMM.apply(x, w_EIO, plan, gather, name == "scatter")
+    with amp:
+        if name == "grouped_mm":
+            return GroupedRoutedMM.apply(x, w_EIO, plan, gather)
+        if name == "padded":
+            return padded_routed_mm(x, w_EIO, plan, gather)
+        return LoopRoutedMM.apply(x, w_EIO, plan, gather, name == "scatter")
 
 
 class Combine(torch.autograd.Function):
-    """out_T = sum_j w_{t,j} y_{pair(t,j)}: a chunked weighted scatter-add over sorted pairs."""
+    """out_t = sum_j w_{t,j} y_{pair(t,j)}: one `embedding_bag` over the sorted rows (a fused
+    gather-and-weighted-sum that accumulates in float32 and needs no zero-filled output)."""
 
     @staticmethod
     def forward(ctx, y_SO, w_S, plan: RoutingPlan):
-        acc = accumulate_dtype(y_SO.dtype)
-        out_TO = torch.zeros(plan.n_tokens, y_SO.shape[1], dtype=acc, device=y_SO.device)
-        rows_S = plan.rows_S
-        for o in range(0, plan.n_pairs, _COMBINE_CHUNK):
-            y_cO = y_SO[o:o + _COMBINE_CHUNK].to(acc)
-            if w_S is not None:
-                y_cO = y_cO * w_S[o:o + _COMBINE_CHUNK, None].to(acc)
-            out_TO.index_add_(0, rows_S[o:o + _COMBINE_CHUNK], y_cO)
         ctx.save_for_backward(y_SO, w_S)
         ctx.plan = plan
-        return out_TO.to(y_SO.dtype)
+        # per-sample weights in bag (token) order
+        w_TK = w_S.index_select(0, plan.inverse_S) if w_S is not None else None
+        return reduce_slots(y_SO, plan.inverse_TK, w_TK)
 
     @staticmethod
     def backward(ctx, g_TO):
@@ -173,10 +105,9 @@ class Combine(torch.autograd.Function):
         g_SO = g_TO.index_select(0, plan.rows_S)
         dw = None
         if w_S is not None and ctx.needs_input_grad[1]:
-            # Row-wise <g, y> as a batched (1,O)@(O,1) matmul: no (S, O) product temporary.
-            dw = torch.bmm(g_SO.unsqueeze(1), y_SO.unsqueeze(2)).view(-1).to(w_S.dtype)
+            dw = torch.linalg.vecdot(g_SO, y_SO).to(w_S.dtype)  # row-wise <g, y>, one pass
         if w_S is not None:
-            g_SO.mul_(w_S[:, None].to(g_SO.dtype))
+            g_SO.mul_(w_S.to(g_SO.dtype)[:, None])  # same dtype: a mixed in-place mul copies
         return g_SO, dw, None
 
 
