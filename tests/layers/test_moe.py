@@ -152,3 +152,25 @@ def test_inference_mode_then_training_forward(sets):
     out = m(x, x)
     out.loss.backward()
     assert torch.allclose(a, b) and torch.allclose(b, out.logits.detach())
+
+
+
+@pytest.mark.parametrize("backend", ["loop", "scatter", "auto"])
+def test_inference_mode_on_the_threaded_engine_path(backend):
+    """Big enough for the engine to split experts over worker threads: the workers must run in
+    the caller's inference mode (out= writes into inference tensors fail outside it)."""
+    from moelab.ops import build_plan, routed_matmul
+    from moelab.ops.parallel import set_expert_threads
+
+    torch.manual_seed(0)
+    x, w = torch.randn(8192, 16), torch.randn(4, 16, 16)
+    plan = build_plan(torch.randint(0, 4, (8192, 2)), 4)
+    set_expert_threads(2)
+    try:
+        with torch.inference_mode():
+            a = routed_matmul(x, w, plan, gather=True, backend=backend)
+        with torch.no_grad():
+            b = routed_matmul(x, w, plan, gather=True, backend=backend)
+    finally:
+        set_expert_threads(None)
+    assert torch.allclose(a, b)

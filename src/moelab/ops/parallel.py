@@ -82,13 +82,16 @@ def run_experts(fn: Callable[[list[tuple[int, int, int]]], None], counts: Sequen
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        futures = [pool.submit(_no_grad_call, fn, r) for r in ranges]
+        inference = torch.is_inference_mode_enabled()
+        futures = [pool.submit(_no_grad_call, fn, r, inference) for r in ranges]
         for f in futures:
             f.result()
     finally:
         torch.set_num_threads(before)
 
 
-def _no_grad_call(fn, r):
-    with torch.no_grad():  # grad mode is thread-local; the kernels use out= ops
+def _no_grad_call(fn, r, inference: bool = False):
+    # Grad and inference mode are thread-local: a worker must run in the caller's mode, or its
+    # out= writes into buffers made under inference mode fail.
+    with torch.inference_mode(inference), torch.no_grad():
         fn(r)
