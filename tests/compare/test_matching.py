@@ -29,3 +29,10 @@ def test_describe_names_the_knob():
 def test_impossible_match_is_a_clear_error():
     with pytest.raises(ConfigError, match="could not bring"):
         match_macs(load_preset("dense-tiny"), 1.0)
+
+
+def test_mole_is_matched_in_its_deployed_lookup_form():
+    ref = macs_per_token(load_preset("dense-tiny").model, 128)
+    res = match_macs(load_preset("mole-tiny"), 1.6 * ref)
+    assert res.knob == "ffn.d_ff"  # never the routed experts, which become lookup tables
+    assert res.config.model.ffn.expert_dim == load_preset("mole-tiny").model.ffn.expert_dim

@@ -18,7 +18,7 @@ from moelab.flops import count
 KNOBS = {
     "ffn.top_k": (lambda m: m.ffn.kind in ("moe", "sigma_moe") or m.ffn.kind.startswith("umoe"),
                   lambda m: 1, lambda m: m.ffn.n_experts, 1),
-    "ffn.expert_dim": (lambda m: m.ffn.kind != "dense", lambda m: 8,
+    "ffn.expert_dim": (lambda m: m.ffn.kind not in ("dense", "mole"), lambda m: 8,
                        lambda m: 16 * m.ffn.expert_dim, 8),
     "ffn.d_ff": (lambda m: m.ffn.kind in ("dense", "mole"), lambda m: 8, lambda m: 16 * m.ffn.d_ff, 8),
     "attention.top_k": (lambda m: m.attention.n_experts > 0, lambda m: 1,
@@ -49,6 +49,12 @@ class MatchResult:
 
 
 def macs_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Forward MACs per token of the model as it is deployed. For MoLE that is the lookup form
+    (MoLE sec. 3.3): its routed experts become per-token tables after training, so only the
+    shared FFN, the router and the mixing of looked-up rows cost compute, and its knob is the
+    shared FFN width."""
+    if m.ffn.kind == "mole":
+        m = dataclasses.replace(m, ffn=dataclasses.replace(m.ffn, kind="mole_lookup"))
     return count(m, seq_len=seq_len)["macs_per_token"]
 
 

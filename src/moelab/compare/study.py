@@ -90,7 +90,7 @@ def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_t
     c = count(cfg.model, seq_len=cfg.train.seq_len)
     row = {
         "params_total": c["params_total"], "params_active": c["params_active"],
-        "macs_per_token": c["macs_per_token"], "tokens": summary["tokens"],
+        "macs_per_token": macs_per_token(cfg.model, cfg.train.seq_len), "tokens": summary["tokens"],
         "tokens_per_s": summary["tokens_per_s"], "wall_s": summary["wall_s"],
         "val_loss": math.log(ev["perplexity"]), "val_ppl": ev["perplexity"],
         "cloze_acc": zs.get("cloze", {}).get("acc"),
@@ -144,7 +144,7 @@ def write_results(rows: list[dict], out: Path) -> str:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    lines = ["| model | params | active | MACs/token | tokens | tokens/s | wall s | val ppl | "
+    lines = ["| model | params | active | MACs/token (deployed) | tokens | tokens/s | wall s | val ppl | "
              "cloze acc | minpairs acc | dead experts | load max/mean |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["val_ppl"]):
@@ -157,6 +157,8 @@ def write_results(rows: list[dict], out: Path) -> str:
     changes = [r["matched"] for r in rows if r.get("matched")]
     if changes:
         lines += ["", "MAC matching:"] + [f"- {c}" for c in changes]
+    lines += ["", "MACs/token are forward MACs of the model as deployed (MoLE after conversion to "
+              "lookup tables); dead experts and load max/mean are measured on validation batches."]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
