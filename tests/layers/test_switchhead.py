@@ -25,6 +25,7 @@ VARIANTS = {
                          "model.attention.gate.granularity=headwise"],
     "peri_ln": SH + ["model.norm.scheme=peri"],
     "qk_norm_rope_half": SH + ["model.attention.qk_norm=true", "model.attention.rope_fraction=0.5"],
+    "softmax_router": SH + ["model.attention.router_kind=softmax_topk"],
 }
 
 
@@ -47,9 +48,10 @@ def _reference(layer, x_BTD):
     q, kk = q * dh ** -0.25, kk * dh ** -0.25  # MoEUT's split scaling, softmax scale 1
 
     def choose(router, b, t):
-        # raw sigmoid gates of the per-head top-k; routers work in float32 (bit-equal here)
-        s = torch.sigmoid(xn.float() @ router.router.weight.float().t()).double()[b, t]
-        s = s.view(H, Ea)
+        # raw sigmoid gates (or per-head softmax) of the per-head top-k; routers work in float32
+        logits = (xn.float() @ router.router.weight.float().t()).view(B, T, H, Ea)
+        sigmoid = router.router.cfg.kind == "sigmoid_topk"
+        s = (torch.sigmoid(logits) if sigmoid else logits.softmax(-1)).double()[b, t]
         return [[(int(e), s[h, e]) for e in s[h].topk(k).indices] for h in range(H)]
 
     v = [[[None] * T for _ in range(H)] for _ in range(B)]
@@ -167,6 +169,14 @@ def test_entropy_regulariser_is_per_head_marginal():
     marg = logits.softmax(-1).mean(1)  # (B, H, Ea)
     expect = 0.001 * (marg * marg.log()).sum(-1).mean()
     assert torch.allclose(out.aux_losses["layer0.attn_v_router.entropy"], expect, atol=1e-7)
+
+
+def test_attention_entropy_coef_overrides_the_router_one():
+    m = _model(SH + ["model.attention.entropy_coef=0.0", "model.router.entropy_coef=0.5"])
+    assert not any(k.endswith(".entropy") for k in m(torch.randint(0, 97, (1, 5))).aux_losses)
+    layer = SwitchHeadAttention(tiny(*SH, "model.attention.entropy_coef=0.002").model, 0)
+    assert layer.v_router.router.cfg.entropy_coef == 0.002
+    assert layer.o_router.router.cfg.kind == "sigmoid_topk"  # MoEUT's default
 
 
 def test_one_expert_has_no_router_and_dense_value_output():

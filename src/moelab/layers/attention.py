@@ -18,22 +18,24 @@ from moelab.registry import ATTENTION
 
 
 def causal_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
-                     past: int) -> torch.Tensor:
+                     past: int, scale: float | None = None) -> torch.Tensor:
     """SDPA where query t (absolute position past + t) sees keys 0 .. past + t.
 
     `is_causal` in SDPA aligns the mask to the top-left corner, which is only right without a
     cache prefix; with one, a single new token needs no mask and a chunk needs an explicit one.
+    `scale` defaults to 1/sqrt(head dim); SwitchHead pre-scales q and k and passes 1.
     """
     T, S = q_BHTD.shape[-2], k_BKSD.shape[-2]
     gqa = q_BHTD.shape[1] != k_BKSD.shape[1]
     if past == 0:
         return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=True,
-                                              enable_gqa=gqa)
+                                              scale=scale, enable_gqa=gqa)
     mask = None
     if T > 1:
         mask = torch.arange(S, device=q_BHTD.device) <= (
             past + torch.arange(T, device=q_BHTD.device)[:, None])
-    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def first_token_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, past: int) -> torch.Tensor:

@@ -2,8 +2,7 @@
 attention routers' config, a per-head router (SwitchHead), SDPA with an explicit scale, the
 per-head output gate and the UMoE expert bank that attention and FFN hold together.
 
-Config fields that the attention kinds read if the config has them (proposed additions to
-`AttentionConfig`; until then the fallbacks apply):
+The attention routers' config is `model.router` with two attention-specific fields:
 - `attention.router_kind` (None = the kind's own router: sigmoid top-k for SwitchHead, softmax
   top-k for MoA and UMoE-Att);
 - `attention.entropy_coef` (None = `router.entropy_coef`): MoEUT regularises attention routers
@@ -17,7 +16,6 @@ import types
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moelab.config import ModelConfig, RouterConfig
 from moelab.errors import ConfigError
@@ -47,8 +45,8 @@ def check_attention_experts(cfg: ModelConfig, kind: str, min_experts: int = 1) -
 
 def attention_router_config(cfg: ModelConfig, default_kind: str) -> RouterConfig:
     """`model.router` with the attention routers' kind and entropy coefficient (module doc)."""
-    kind = getattr(cfg.attention, "router_kind", None) or default_kind
-    entropy = getattr(cfg.attention, "entropy_coef", None)
+    kind = cfg.attention.router_kind or default_kind
+    entropy = cfg.attention.entropy_coef
     return dataclasses.replace(cfg.router, kind=kind,
                                entropy_coef=cfg.router.entropy_coef if entropy is None else entropy)
 
@@ -94,22 +92,6 @@ class HeadwiseRouter(nn.Module):
         add_balance_losses(self.loss_view, per_head, ctx)
         offset_H1 = torch.arange(H, device=idx_BTHK.device)[:, None] * Ea
         return idx_BTHK + offset_H1, w_BTHK
-
-
-def scaled_causal_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
-                            past: int, scale: float) -> torch.Tensor:
-    """`causal_attention` (layers/attention.py) with an explicit softmax scale."""
-    T, S = q_BHTD.shape[-2], k_BKSD.shape[-2]
-    gqa = q_BHTD.shape[1] != k_BKSD.shape[1]
-    if past == 0:
-        return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=True,
-                                              scale=scale, enable_gqa=gqa)
-    mask = None
-    if T > 1:
-        mask = torch.arange(S, device=q_BHTD.device) <= (
-            past + torch.arange(T, device=q_BHTD.device)[:, None])
-    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, scale=scale,
-                                          enable_gqa=gqa)
 
 
 def umoe_bank(cfg: ModelConfig, shared: dict | None, n_experts: int, d_expert: int,

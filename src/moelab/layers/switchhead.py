@@ -25,10 +25,9 @@ import torch.nn as nn
 
 from moelab.config import ModelConfig
 from moelab.errors import ConfigError
-from moelab.layers.attention import first_token_attention, norm_params
+from moelab.layers.attention import causal_attention, first_token_attention, norm_params
 from moelab.layers.attn_experts import (HeadwiseRouter, attention_router_config,
-                                        check_attention_experts, gate_width,
-                                        scaled_causal_attention)
+                                        check_attention_experts, gate_width)
 from moelab.layers.base import (Counts, ForwardContext, LayerCache, attention_core_macs,
                                 linear_counts, mark_residual_out)
 from moelab.layers.init import set_fan_in
@@ -90,7 +89,7 @@ class SwitchHeadAttention(nn.Module):
         if cache is not None:
             kv = cache.update(k=k_BHTD, v=v_BHTV)
             k_BHTD, v_BHTV = kv["k"], kv["v"]
-        o_BHTV = scaled_causal_attention(q_BHTD, k_BHTD, v_BHTV, past, scale=1.0)
+        o_BHTV = causal_attention(q_BHTD, k_BHTD, v_BHTV, past, scale=1.0)
         if ctx.diagnostics:  # the helper divides by sqrt(d_h); undo it to get MoEUT's scores
             ctx.add_diag("attn_first_token", first_token_attention(q_BHTD * dh ** 0.5, k_BHTD,
                                                                    past))
