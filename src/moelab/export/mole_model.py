@@ -40,6 +40,7 @@ from moelab.model import MoELM
 
 STORAGES = ("auto", "ram", "mmap", "pinned", "device")
 RAM_AUTO_MAX_BYTES = 1 << 30  # `auto` on CPU: tables up to 1 GiB are read into RAM
+DEDUP_MIN_TOKENS = 64  # above this many tokens a forward reads each distinct token once
 
 
 def is_converted_dir(path: str | Path) -> bool:
@@ -154,9 +155,12 @@ class _Fetch:
     def __init__(self, tables: LookupTables, idx_BT: torch.Tensor):
         self.t = tables
         self.shape_BT = tuple(idx_BT.shape)
-        uniq_U, inv = torch.unique(idx_BT.reshape(-1).cpu(), return_inverse=True)
-        self.uniq_U = uniq_U
-        self.inv_S = inv.to(idx_BT.device)  # flat token -> its distinct-token row
+        ids_S = idx_BT.reshape(-1).cpu()
+        self.inv_S = None  # flat token -> its row of uniq_U; None: rows are in token order
+        if ids_S.numel() > DEDUP_MIN_TOKENS:  # prefill / scoring: each distinct token once
+            ids_S, inv = torch.unique(ids_S, return_inverse=True)
+            self.inv_S = inv.to(idx_BT.device)
+        self.uniq_U = ids_S
         self.done: dict[int, torch.Tensor] = {}  # dequantised rows, (U, N, d) per layer
         self.pending: dict[int, object] = {}
         layers = list(dict.fromkeys(tables.header["schedule"]))
@@ -166,9 +170,14 @@ class _Fetch:
         if tables.storage == "mmap":  # background reads, in layer order: l+1 while l computes
             for layer in layers:
                 self.pending[layer] = tables._pool.submit(self._read, layer, target)
-        else:  # RAM / pinned: a memcpy each; on CUDA the copies run on the side stream
+        elif target.type == "cuda":  # pinned: per-layer copies on the side stream (pipelined)
             for layer in layers:
                 self.pending[layer] = self._read(layer, target)
+        else:  # RAM: one gather of every layer's rows (contiguous per token), a memcpy
+            rec_ULR = tables.table_VLR.index_select(0, self.uniq_U)
+            tables.bytes_read += rec_ULR.numel()
+            for layer in layers:
+                self.pending[layer] = (rec_ULR[:, layer], None)
 
     def _read(self, layer: int, target: torch.device):
         rec_UR = self.t.table_VLR[:, layer].index_select(0, self.uniq_U)
@@ -205,7 +214,9 @@ class _Fetch:
             self.done[layer] = self.t.codec.decode(rec_UR.to(device), dtype)
         v_UND = self.done[layer]
         N, D = v_UND.shape[1:]
-        return v_UND.index_select(0, self.inv_S.to(device)).view(*self.shape_BT, N, D)
+        if self.inv_S is not None:
+            v_UND = v_UND.index_select(0, self.inv_S.to(device))
+        return v_UND.view(*self.shape_BT, N, D)
 
     def close(self) -> None:
         for job in self.pending.values():  # e.g. a forward that raised: let reads finish

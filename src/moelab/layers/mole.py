@@ -136,7 +136,11 @@ class MoLELookupFFN(_MoLEBase):
         if self.source is None:
             raise RuntimeError("the mole_lookup FFN has no lookup tables attached; load a "
                                "converted directory with moelab.export.mole_model.load_converted")
-        g_BTN = self.gates(x_BTD, ctx).to(x_BTD.dtype)
+        # MoLE eq. 4 as the softmax_dense router computes it in eval mode, without its
+        # training-time routing metrics (the load is uniform by construction): they were a
+        # third of the per-layer overhead of a decode step on CPU.
+        logits_BTN = self.router_norm(x_BTD).float() @ self.router.weight.float().t()
+        g_BTN = logits_BTN.softmax(-1).to(x_BTD.dtype)
         v_BTND = self.source.rows(self.layer_idx, x_BTD.device, x_BTD.dtype)
         # the weighted sum over experts of the looked-up rows: (BT, 1, N) @ (BT, N, d)
         B, T, N, D = v_BTND.shape

@@ -115,8 +115,14 @@ def run_benchmark(shapes=("coarse", "fine"), dtypes=("float32", "bfloat16"),
             names = [b for b in backends if _available(b, dev)]
             steps = {"dense": dense_step} | {b: moe_step(b) for b in names}
             times = {name: [] for name in steps}
+            order = list(steps)
             for it in range(warmup + repeats):
-                for name, step in steps.items():  # interleaved: machine noise hits all alike
+                # Interleaved, so machine noise hits every row alike, and rotated every round:
+                # a step runs faster right after one that left freed memory in the allocator
+                # (no page faults), so no row may always follow the same neighbour.
+                rot = it % len(order)
+                for name in order[rot:] + order[:rot]:
+                    step = steps[name]
                     _clear(leaves)
                     ms = _time_ms(lambda: step(it))
                     if dev.type == "cuda":
@@ -174,7 +180,8 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
         f"the run: {load_before or _load_average()} (other processes sharing the cores lower "
         "these numbers, the MoE rows more than the dense ones)  ",
         f"{n_tokens} tokens; {shapes}; activation {ACTIVATION}, non-gated; median of {repeats} "
-        "forward+backward steps after warm-up, dense and every backend interleaved. MoE time "
+        "forward+backward steps after warm-up, dense and every backend interleaved (order rotated "
+        "every round). MoE time "
         "includes the plan build and the combine, excludes the router; routing = top-k of a "
         "softmax over random logits, redrawn every step. bf16 = pure bf16 tensors (not "
         "autocast), router weights float32. ratio = dense_ms / moe_ms.",

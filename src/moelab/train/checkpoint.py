@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_file as st_save_file
 from safetensors.torch import save_model as st_save_model
 
 from moelab.config import Config
@@ -56,9 +57,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, config: Config,
                      extra: dict[str, object] | None = None, keep_last: int | None = None,
-                     _fail_after: str | None = None) -> Path:
+                     _fail_after: str | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically; `extra` maps file names to JSON-able dicts (`.json`)
-    or tensors/state dicts (`.pt`). Prunes to the newest `keep_last` checkpoints."""
+    or tensors/state dicts (`.pt`). Prunes to the newest `keep_last` checkpoints.
+
+    `state_dict` (full weights by name, aliases removed) is written instead of the model's own
+    tensors: FSDP gathers it on rank 0, whose model holds only shards."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -67,7 +72,10 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
     tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        st_save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        if state_dict is not None:
+            st_save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            st_save_model(_unwrap(model), str(tmp / "model.safetensors"))
         for name, obj in (extra or {}).items():
             if _fail_after == name:  # test hook: simulate a crash in the middle of a write
                 raise RuntimeError(f"simulated crash while writing {name}")
@@ -190,17 +198,24 @@ def restore_rng(state: dict) -> None:
 def write_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
                               config: Config, optimizer: torch.optim.Optimizer, scheduler,
                               scaler, trainer_state: dict, keep_last: int | None = None,
-                              _fail_after: str | None = None) -> Path:
-    """A checkpoint with everything `--resume` needs to continue the same loss curve."""
+                              _fail_after: str | None = None,
+                              state_dict: dict[str, torch.Tensor] | None = None,
+                              optimizer_state: dict | None = None) -> Path:
+    """A checkpoint with everything `--resume` needs to continue the same loss curve.
+
+    Under FSDP the caller passes the gathered full `state_dict` and `optimizer_state` (in
+    `Optimizer.state_dict()`'s index-keyed format), so every checkpoint has one format whatever
+    the world size it was written at. RNG states are the writing process's (rank 0's)."""
     extra = {
-        OPTIMIZER_FILE: {"optimizer": optimizer.state_dict(),
+        OPTIMIZER_FILE: {"optimizer": optimizer_state if optimizer_state is not None
+                         else optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else {}},
         RNG_FILE: capture_rng(),
         STATE_FILE: trainer_state,
     }
     return write_checkpoint(run_dir, step, model, config, extra=extra, keep_last=keep_last,
-                            _fail_after=_fail_after)
+                            _fail_after=_fail_after, state_dict=state_dict)
 
 
 def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> dict:
@@ -231,8 +246,6 @@ def remove_stale_tmp(run_dir: str | Path) -> None:
         if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True)
-
-    return True
 
 
 def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:

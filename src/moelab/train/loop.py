@@ -7,6 +7,11 @@ Order of one iteration (step s = number of updates done afterwards):
      or s is the last step.
 A checkpoint taken after step s holds the state after everything of iteration s (validation
 included), so a run resumed from it replays iterations s+1... exactly as the uninterrupted run.
+
+Under torchrun every rank runs this loop (moelab/train/distributed.py): each reads its rows of
+every global batch, gradients and logged numbers are reduced across ranks, and rank 0 alone
+writes the run directory (metrics, TensorBoard, run.json, checkpoints). Checkpoints have the
+single-process format, so a run continues at any world size.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import torch
 from moelab.config import Config
 from moelab.errors import CheckpointError, ConfigError, TrainingError
 from moelab.train import checkpoint as ckpt_io
-from moelab.train.metrics import MetricsLogger, Progress
+from moelab.train import distributed as ddist
+from moelab.train.metrics import MetricsLogger, NullLogger, Progress
 from moelab.train.optim import Schedule, apply_hyperparameters, build_optimizer
 from moelab.train.rundir import (check_resume_config, check_same_data, check_vocab,
                                  write_run_files)
@@ -71,13 +77,27 @@ def seed_everything(seed: int) -> None:
 def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path = "runs/run",
           steps: Optional[int] = None, tokens: Optional[int] = None, resume: bool = False,
           progress: bool = True, device: str = "auto", stop_at: Optional[int] = None,
-          tensorboard: bool = True) -> dict:
+          tensorboard: bool = True, parallel: Optional[str] = None) -> dict:
     """Train `cfg` on a prepared data directory, writing the run to `out_dir`.
 
     stop_at: stop (with a checkpoint) after this step although the schedule runs to the full
         total, as if the process had been killed right after saving; `resume=True` continues.
-    Returns a summary dict (see docs/training.md).
+    parallel: ddp | fsdp under torchrun (default: train.parallel, else $MOELAB_PARALLEL, else
+        ddp); ignored in a single process.
+    Returns a summary dict (see docs/training.md); every rank returns the same numbers.
     """
+    dev = resolve_device(device)
+    env, dev = ddist.setup(dev, ddist.resolve_parallel(cfg.train, parallel))
+    try:
+        return _train(cfg, data_dir, out_dir, steps, tokens, resume, progress, dev, stop_at,
+                      tensorboard, env)
+    finally:
+        ddist.teardown(env)
+
+
+def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress: bool,
+           dev: torch.device, stop_at: Optional[int], tensorboard: bool,
+           env: ddist.DistEnv) -> dict:
     from moelab.data.loader import TokenLoader
     from moelab.data.shards import load_meta
     from moelab.flops import count
@@ -92,7 +112,6 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
         raise ConfigError("no data: pass --data DIR (a directory written by "
                           "`moelab data prepare`)")
     data_dir = Path(data_dir).expanduser().resolve()
-    dev = resolve_device(device)
     n_total = total_steps(cfg, steps, tokens)
     d = cfg.to_dict()
     d["train"]["steps"] = n_total
@@ -117,13 +136,25 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
         raise CheckpointError(f"{run_dir} already holds checkpoints of a run; pass --resume to "
                               "continue it, or choose a new --out")
 
-    train_loader = TokenLoader(data_dir, "train", tc.batch_size, tc.seq_len, tc.seed,
-                               sampling=cfg.data.sampling)  # DataError for a truncated shard
-    val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, tc.seed)
+    if env.active:  # this rank's rows of each micro-batch (distributed.RankBatches)
+        train_loader = ddist.RankBatches(data_dir, "train", tc.batch_size, tc.seq_len, tc.seed,
+                                         cfg.data.sampling, tc.grad_accum, env)
+    else:
+        train_loader = TokenLoader(data_dir, "train", tc.batch_size, tc.seq_len, tc.seed,
+                                   sampling=cfg.data.sampling)  # DataError for a truncated shard
+    val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, tc.seed,
+                             rank=env.rank, world_size=env.world_size)
     eval_set = val_loader.eval_batches(tc.eval_batches)
+    if env.parallel == "fsdp" and env.active and tc.dtype == "float16":
+        raise ConfigError("train.dtype float16 with FSDP: the loss scaler would see only this "
+                          "rank's gradient shards; use bfloat16 (or train.parallel ddp)")
 
     seed_everything(tc.seed)
     model = MoELM(cfg.model).to(dev)
+    if resume_ckpt is not None:  # before sharding: every rank loads the same full weights
+        ckpt_io.load_weights(model, resume_ckpt)
+    wrapped = ddist.wrap_model(model, env, dev)
+    routing = ddist.GlobalRouting(model, env) if env.active else None
     optimizer = build_optimizer(model, tc)
     schedule = Schedule(optimizer, tc, n_total)
     precision = Precision.from_config(tc.dtype, dev)
@@ -131,34 +162,42 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
     state = {"step": 0, "tokens": 0, "val_loss": None, "best_val_loss": None, "train_loss": None,
              "train_wall_s": 0.0}
     if resume_ckpt is not None:
-        ckpt_io.load_weights(model, resume_ckpt)
-        optimizer.load_state_dict(saved["optimizer"])
+        ddist.load_optimizer_state(model, optimizer, saved["optimizer"], env)
         apply_hyperparameters(optimizer, tc)
         schedule.load_state_dict(saved["scheduler"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         state.update({k: v for k, v in saved["state"].items() if k in state})
         train_loader.load_state_dict(saved["state"].get("data", {}))
-        ckpt_io.restore_rng(saved["rng"])
-        ckpt_io.remove_stale_tmp(run_dir)
+        ckpt_io.restore_rng(saved["rng"])  # rank 0's generators
+        if env.is_main:
+            ckpt_io.remove_stale_tmp(run_dir)
     start = state["step"]
+    ddist.seed_rank(tc.seed, env, start)
     if stop_at is not None and not start < stop_at <= n_total:
         raise ConfigError(f"stop_at={stop_at}: expected {start} < stop_at <= {n_total}")
     end = n_total if stop_at is None else stop_at
 
     counts = count(cfg.model, seq_len=tc.seq_len)
     params = {"params_total": counts["params_total"], "params_active": counts["params_active"]}
-    write_run_files(run_dir, cfg, data_dir, meta, str(dev), params,
-                    resumed_from=resume_ckpt.name if resume_ckpt is not None else None)
-    fwd = torch.compile(model) if tc.compile else model
-    logger = MetricsLogger(run_dir, start if resume_ckpt is not None else None, tensorboard)
-    bar = Progress(n_total, start, progress, cfg.name)
-    rows = tc.batch_size // tc.grad_accum
+    layout = {"world_size": env.world_size,
+              "parallel": env.parallel if env.active else "none"}
+    env.barrier()  # every rank has checked the run directory before rank 0 changes it
+    if env.is_main:
+        write_run_files(run_dir, cfg, data_dir, meta, str(dev), {**params, **layout},
+                        resumed_from=resume_ckpt.name if resume_ckpt is not None else None)
+        logger = MetricsLogger(run_dir, start if resume_ckpt is not None else None, tensorboard)
+    else:
+        logger = NullLogger()
+    fwd = torch.compile(wrapped) if tc.compile else wrapped
+    bar = Progress(n_total, start, progress and env.is_main, cfg.name)
+    rows = tc.batch_size // tc.grad_accum // env.world_size  # rows of one micro-batch, per rank
+    dist_arg = env if env.active else None
     tokens_per_step = tc.batch_size * tc.seq_len
     session_tokens, session_train_s = 0, 0.0
 
     def validate(step: int) -> None:
-        res = evaluate_loss(fwd, eval_set, rows, dev, precision)
+        res = evaluate_loss(fwd, eval_set, rows, dev, precision, dist=dist_arg)
         state["val_loss"] = res["val_loss"]
         best = state["best_val_loss"]
         state["best_val_loss"] = res["val_loss"] if best is None else min(best, res["val_loss"])
@@ -170,9 +209,13 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
         trainer_state = {**state, "step": step, "total_steps": n_total,
                          "data": {"next_batch": step, **train_loader.state_dict()},
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        ckpt_io.write_training_checkpoint(run_dir, step, model, cfg, optimizer,
-                                          schedule, scaler, trainer_state,
-                                          keep_last=tc.keep_last)
+        weights, optim_state = ddist.full_state(model, optimizer, env)  # FSDP: a collective
+        if env.is_main:
+            ckpt_io.write_training_checkpoint(run_dir, step, model, cfg, optimizer,
+                                              schedule, scaler, trainer_state,
+                                              keep_last=tc.keep_last, state_dict=weights,
+                                              optimizer_state=optim_state)
+        env.barrier()  # the checkpoint exists for every rank once save() returns
 
     try:
         if start == 0 and tc.eval_every:
@@ -185,7 +228,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
             lr = schedule.apply()
             try:
                 stats = train_step(fwd, optimizer, x_BT, y_BT, tc.grad_accum, tc.grad_clip,
-                                   precision, scaler)
+                                   precision, scaler, dist=dist_arg)
             except NonFiniteLoss as e:
                 raise _non_finite_error(run_dir, s + 1, e.stats) from None
             schedule.advance()
@@ -207,6 +250,8 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
     finally:
         bar.close()
         logger.close()
+        if routing is not None:
+            routing.remove()
     return {
         "steps": state["step"],
         "total_steps": n_total,
@@ -217,6 +262,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
         "val_loss": state["val_loss"],
         "best_val_loss": state["best_val_loss"],
         **params,
+        **layout,
         "device": str(dev),
         "resumed_from": resume_ckpt.name if resume_ckpt is not None else None,
         "run_dir": str(run_dir),

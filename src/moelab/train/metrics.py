@@ -83,6 +83,16 @@ class MetricsLogger:
             self.tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing (rank 0 writes the run's files)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """tqdm bar over optimizer steps showing loss, lr, smoothed tokens/s and (tqdm's) ETA."""
 

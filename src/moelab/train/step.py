@@ -6,6 +6,10 @@ of target tokens, so the mean of micro-batch means is the global mean and the gr
 the one of a single full-batch pass (up to float rounding). The aux (balance) losses are
 computed per micro-batch, so for MoE models they depend on grad_accum the way they depend on the
 batch size.
+
+Under data parallelism (`dist`, a `moelab.train.distributed.DistEnv`) x_BT holds this rank's rows
+of every micro-batch; gradients are reduced in the last micro-batch's backward only, and the
+logged statistics are averaged over ranks (equal-sized parts, so the mean is the global value).
 """
 from __future__ import annotations
 
@@ -77,18 +81,23 @@ def _stats(out) -> tuple[list[str], torch.Tensor]:
 
 
 def _grad_norm(params: list[torch.Tensor], grad_clip: float) -> torch.Tensor:
-    if grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    grads = [p.grad for p in params]
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: norm without a rescale
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 (never sharded here)
+        if grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        grads = [p.grad for p in params]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+        norm = norm.full_tensor()
+    if grad_clip > 0:  # what clip_grad_norm_ does, with the full norm
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+    return norm
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: torch.Tensor,
                y_BT: torch.Tensor, grad_accum: int = 1, grad_clip: float = 0.0,
                precision: Optional[Precision] = None,
-               scaler: Optional["torch.amp.GradScaler"] = None) -> dict[str, float]:
+               scaler: Optional["torch.amp.GradScaler"] = None, dist=None) -> dict[str, float]:
     """Forward/backward over the micro-batches of one global batch, clip, check, update.
 
     Returns the step's statistics averaged over micro-batches (one host sync for all of them),
@@ -96,21 +105,26 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: t
     """
     precision = precision or Precision(x_BT.device.type)
     rows = x_BT.shape[0] // grad_accum
+    sync = dist.grad_sync if dist is not None else (lambda last: contextlib.nullcontext())
     names: list[str] = []
     sum_S: Optional[torch.Tensor] = None
     for i in range(grad_accum):
         xb_bT, yb_bT = x_BT[i * rows:(i + 1) * rows], y_BT[i * rows:(i + 1) * rows]
-        with precision.autocast():
-            out = model(xb_bT, yb_bT)
-        objective = (out.loss + out.aux_loss.float()) / grad_accum
-        (scaler.scale(objective) if scaler is not None else objective).backward()
+        with sync(i == grad_accum - 1):
+            with precision.autocast():
+                out = model(xb_bT, yb_bT)
+            objective = (out.loss + out.aux_loss.float()) / grad_accum
+            (scaler.scale(objective) if scaler is not None else objective).backward()
         names, stats_S = _stats(out)
         sum_S = stats_S if sum_S is None else sum_S + stats_S
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm
     params = [p for p in model.parameters() if p.grad is not None]
     norm = _grad_norm(params, grad_clip)
-    values = torch.cat([sum_S / grad_accum, norm.detach().float().reshape(1)]).tolist()
+    mean_S = sum_S / grad_accum
+    if dist is not None:
+        mean_S = dist.all_mean(mean_S)
+    values = torch.cat([mean_S, norm.detach().float().reshape(1)]).tolist()
     stats = dict(zip(names + ["grad_norm"], values))
     bad_grad = scaler is None and not math.isfinite(stats["grad_norm"])  # a scaler skips those
     if not (math.isfinite(stats["loss"]) and math.isfinite(stats["aux_loss"])) or bad_grad:
@@ -128,11 +142,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: t
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                   rows: int, device: torch.device,
-                  precision: Optional[Precision] = None) -> dict:
+                  precision: Optional[Precision] = None, dist=None) -> dict:
     """Mean LM loss over fixed batches (split into chunks of `rows` rows), in eval mode.
 
     Also returns vector routing metrics (e.g. `layer0.router.load`) averaged over the batches,
-    as lists, so the full expert-load distribution is on record at every evaluation.
+    as lists, so the full expert-load distribution is on record at every evaluation. With `dist`
+    each rank scores its rows and the means are averaged over ranks.
     """
     precision = precision or Precision(device.type)
     was_training = model.training
@@ -153,7 +168,14 @@ def evaluate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torc
     finally:
         model.train(was_training)
     n = len(losses)
-    res: dict = {"val_loss": torch.stack(losses).mean().item()}
-    for name, total in vectors.items():
-        res[name] = [round(x, 6) for x in (total / n).tolist()]
+    names = sorted(vectors)
+    flat = torch.cat([torch.stack(losses).mean().reshape(1)] + [vectors[k] / n for k in names])
+    if dist is not None:
+        flat = dist.all_mean(flat)  # one collective for the loss and every vector
+    res: dict = {"val_loss": flat[0].item()}
+    offset = 1
+    for name in names:
+        size = vectors[name].numel()
+        res[name] = [round(x, 6) for x in flat[offset:offset + size].tolist()]
+        offset += size
     return res
