@@ -34,6 +34,8 @@ def test_generate_from_untrained_preset(capsys):
     (["info", "--preset", "dense-tiny", "--set", "model.ffn.kind=moo"], "model.ffn.kind"),
     (["info"], "--preset NAME or --config FILE"),
     (["generate", "/nonexistent/run"], "no such run"),
+    (["export", "hf", "/nonexistent/run", "--out", "/tmp/x"], "/nonexistent/run"),
+    (["info", "--preset", "dense-tiny", "--set", "train.parallel=zero3"], "train.parallel"),
     (["generate", "--preset", "dense-tiny", "--set", "model.vocab_size=100"], "vocab_size is 100"),
 ])
 def test_user_errors_are_one_line(capsys, argv, words):

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=int, help="training tokens (converted to steps)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (re-runs itself under torchrun)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -110,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("export", help="export a run to other formats")
+    esub = p.add_subparsers(dest="export_command", required=True)
+    q = esub.add_parser("hf", help="HF transformers directory (AutoModelForCausalLM, trust_remote_code)")
+    q.add_argument("run_dir")
+    q.add_argument("--out", required=True)
+    q.add_argument("--tokenizer", help="tokenizer.json (default: the run's)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_export_hf)
+
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("moe-layer", help="MoE FFN layer vs a dense FFN of equal FLOPs")
@@ -126,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(raw)
+    args.raw_argv = raw
     try:
         return args.func(args) or 0
     except MoelabError as e:
@@ -251,7 +264,11 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from moelab.config import resolve_config
+    from moelab.train.distributed import is_main, launch
     from moelab.train.loop import train
+
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch(args.nproc, args.raw_argv)
 
     if args.resume and not (args.preset or args.config) and (Path(args.out) / "config.json").is_file():
         cfg = resolve_config(None, str(Path(args.out) / "config.json"), args.sets)
@@ -260,7 +277,16 @@ def cmd_train(args) -> int:
     summary = train(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps,
                     tokens=args.tokens, resume=args.resume, progress=not args.no_progress,
                     device=args.device)
-    print(json.dumps(summary))
+    if is_main():
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from moelab.export.hf import export_hf
+
+    out = export_hf(args.run_dir, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    print(f"wrote {out or args.out}")
     return 0
 
 
