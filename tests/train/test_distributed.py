@@ -58,10 +58,10 @@ def _assert_same(ref, run, steps):
 
 def _torchrun(cfg: Config, data, out, parallel: str, *extra: str) -> None:
     cfg_file = out.parent / f"{out.name}.yaml"
-    cfg.save(cfg_file)
+    cfg.with_overrides([f"train.parallel={parallel}"]).save(cfg_file)
     argv = ["train", "--config", str(cfg_file), "--data", str(data), "--out", str(out),
             "--steps", str(STEPS), "--device", "cpu", "--no-progress", "--nproc", "2", *extra]
-    env = {**os.environ, ddist.ENV_PARALLEL: parallel, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert ddist.launch(2, argv, env=env) == 0
 
 
@@ -144,10 +144,9 @@ def test_launcher_command_and_parallel_choice(moe_cfg, monkeypatch):
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
                        "-m", "moelab", "train", "--preset", "moe-tiny", "--out", "r"]
     tc = moe_cfg.train
-    monkeypatch.delenv(ddist.ENV_PARALLEL, raising=False)
     assert ddist.resolve_parallel(tc) == "ddp"
-    monkeypatch.setenv(ddist.ENV_PARALLEL, "fsdp")
-    assert ddist.resolve_parallel(tc) == "fsdp" and ddist.resolve_parallel(tc, "ddp") == "ddp"
+    fsdp = moe_cfg.with_overrides(["train.parallel=fsdp"]).train
+    assert ddist.resolve_parallel(fsdp) == "fsdp" and ddist.resolve_parallel(fsdp, "ddp") == "ddp"
     with pytest.raises(Exception, match="train.parallel"):
         ddist.resolve_parallel(tc, "zero3")
     with pytest.raises(Exception, match="--nproc"):

@@ -39,14 +39,12 @@ import torch.nn as nn
 from moelab.errors import ConfigError
 
 PARALLEL = ("ddp", "fsdp")
-ENV_PARALLEL = "MOELAB_PARALLEL"  # until train.parallel exists in the config
 log = logging.getLogger(__name__)
 
 
 def resolve_parallel(train_cfg, explicit: Optional[str] = None) -> str:
-    """explicit argument > train.parallel (when the config has it) > $MOELAB_PARALLEL > ddp."""
-    name = (explicit or getattr(train_cfg, "parallel", None) or os.environ.get(ENV_PARALLEL)
-            or "ddp")
+    """The explicit argument, else the config's train.parallel."""
+    name = explicit or train_cfg.parallel
     if name not in PARALLEL:
         raise ConfigError(f"train.parallel: {name!r} is not allowed; allowed: "
                           f"{', '.join(PARALLEL)}")

@@ -82,8 +82,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
 
     stop_at: stop (with a checkpoint) after this step although the schedule runs to the full
         total, as if the process had been killed right after saving; `resume=True` continues.
-    parallel: ddp | fsdp under torchrun (default: train.parallel, else $MOELAB_PARALLEL, else
-        ddp); ignored in a single process.
+    parallel: ddp | fsdp under torchrun (default: train.parallel); ignored in one process.
     Returns a summary dict (see docs/training.md); every rank returns the same numbers.
     """
     dev = resolve_device(device)
