@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-START, END = "<!-- attention_experts:start -->", "<!-- attention_experts:end -->"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from moelab.bench_results import cpu_name, write_section
+
 BASE_SWITCHHEAD = ["model.attention.kind=switchhead", "model.attention.n_heads=4",
                    "model.attention.head_dim=192", "model.attention.n_experts=29",
                    "model.attention.top_k=1"]
@@ -117,30 +115,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, path: Path = RESULTS) -> None:
-    """Replace our marked section of RESULTS.md (or append it), keeping everything else."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=7, help="timed rounds (one step per row each)")
@@ -156,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(["python benchmarks/attention_experts.py", *given])
     body = "\n".join([
         "## Attention experts vs dense attention (one layer, forward+backward, CPU)", "",
-        f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {_cpu_name()}, "
+        f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {cpu_name()}, "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads. Median of {args.steps} "
         "steps (forward, balance losses, backward into input and weights) after warmup, "
         "timed round-robin across rows, float32, routed engine backend `auto`. MACs: the "
@@ -169,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "", table(rows)])
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section("attention_experts", body)
     return 0
 
 

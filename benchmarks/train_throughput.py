@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-START, END = "<!-- train_throughput:start -->", "<!-- train_throughput:end -->"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from moelab.bench_results import cpu_name, write_section
+
 
 
 def make_step(preset: str, dtype: str, device: torch.device):
@@ -93,30 +91,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, path: Path = RESULTS) -> None:
-    """Replace our marked section of RESULTS.md (or append it), keeping everything else."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     from moelab.config import preset_names
 
@@ -142,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/train_throughput.py" + (f" {' '.join(argv)}" if argv else
                                                      (" " + " ".join(sys.argv[1:])).rstrip())
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+             else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     body = "\n".join([
         "## Training throughput (tiny presets)", "",
         f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {where}. "
@@ -153,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
            and device.type == "cpu" else ""), "", table(rows)])
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section("train_throughput", body)
     return 0
 
 

@@ -35,3 +35,21 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     assert log.count("finished earlier, skipping") == 2
     assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/model.safetensors")}
     assert json.loads((out / "dense-tiny" / "compare.json").read_text())["row"]["model"] == "dense-tiny"
+    # the same data prepared elsewhere (same shard checksums) still counts as finished
+    import shutil
+    moved = tmp_path / "data-elsewhere"
+    shutil.copytree(tiny_data, moved)
+    argv[argv.index(str(tiny_data))] = str(moved)
+    capsys.readouterr()
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, skipping") == 2, log
+
+
+def test_member_names_and_data_identity(tmp_path):
+    from moelab.compare.study import data_identity, member_name
+
+    assert member_name("moe-tiny", 0) == "moe-tiny" and member_name("moe-tiny", 1) == "moe-tiny@s1"
+    (tmp_path / "meta.json").write_text(json.dumps({"sha256": {"train": "ab", "val": "cd"}}))
+    assert data_identity(tmp_path) == {"sha256": {"train": "ab", "val": "cd"}}
+    assert data_identity(tmp_path / "missing") == str((tmp_path / "missing").resolve())

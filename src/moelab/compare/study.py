@@ -48,11 +48,13 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         ref_cfg = load_preset(match_ref).with_overrides(list(sets))
         ref_macs = macs_per_token(ref_cfg.model, ref_cfg.train.seq_len)
         _say(f"matching forward MACs/token to {match_ref}: {human(ref_macs)}")
-    jobs = [(p, s) for p in presets for s in seeds]
+    # Seed-major: an interrupted multi-seed study has every model at the first seed before any
+    # model at the second.
+    jobs = [(p, s) for s in seeds for p in presets]
     rows = []
     bar = tqdm(jobs, desc="compare", unit="model", disable=not progress, position=0)
     for preset, seed in bar:
-        name = preset if len(seeds) == 1 else f"{preset}@s{seed}"
+        name = member_name(preset, seed)
         bar.set_postfix_str(name)
         cfg = load_preset(preset).with_overrides([*sets, f"train.seed={seed}"])
         matched = ""
@@ -63,7 +65,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         steps = max(1, math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len)))
         run_dir = out / name
         key = {"steps": steps, "config": cfg.to_dict()["model"], "seed": seed,
-               "data": str(Path(data_dir).resolve())}
+               "data": data_identity(data_dir)}
         done = run_dir / "compare.json"
         if done.is_file() and json.loads(done.read_text()).get("key") == key:
             _say(f"{name}: finished earlier, skipping")
@@ -79,6 +81,22 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     write_results(rows, out)
     plot_curves(out, [r["model"] for r in rows])
     return rows
+
+
+def member_name(preset: str, seed: int) -> str:
+    """Run-directory name of one study member; seed 0 keeps the bare preset name, so studies run
+    with different seed lists share their seed-0 members."""
+    return preset if seed == 0 else f"{preset}@s{seed}"
+
+
+def data_identity(data_dir: str | Path) -> dict | str:
+    """What a finished member's data is recognised by: the shard checksums in meta.json (so a
+    study directory stays valid when the data is prepared again elsewhere), else the path."""
+    meta = Path(data_dir) / "meta.json"
+    try:
+        return {"sha256": json.loads(meta.read_text())["sha256"]}
+    except (OSError, ValueError, KeyError):
+        return str(Path(data_dir).resolve())
 
 
 def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_tokens) -> dict:

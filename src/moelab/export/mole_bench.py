@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from moelab.bench_results import cpu_features, cpu_name, load_average, write_section
 from moelab.config import Config, load_preset
 from moelab.layers.base import ForwardContext
 from moelab.model import MoELM
@@ -292,8 +293,6 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def results_section(rows: list[dict], command: str, size: str, prompt: int, steps: int,
                     rounds: int, load_before: str) -> str:
-    from moelab.ops.bench import _cpu_name
-
     s = SIZES[size]
     return "\n".join([
         START,
@@ -301,7 +300,7 @@ def results_section(rows: list[dict], command: str, size: str, prompt: int, step
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: "
-        f"{_cpu_name()}, threads: {torch.get_num_threads()}, 1-minute load average before the "
+        f"{cpu_name()} ({cpu_features()}), threads: {torch.get_num_threads()}, 1-minute load average before the "
         f"run: {load_before}.  ",
         f"Models (float32 compute, random weights): d={s['d_model']}, {s['n_layers']} layers, "
         f"{s['n_heads']} heads, vocab {s['vocab']}, untied, RMSNorm, non-gated GELU. dense: "
@@ -324,14 +323,8 @@ def results_section(rows: list[dict], command: str, size: str, prompt: int, step
     ])
 
 
-def write_results(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+def write_results(section: str, path: Path | None = None) -> Path:
+    return write_section("mole_decode", section, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt or (16 if args.quick else 256)
     steps = args.steps or (3 if args.quick else 16)
     rounds = args.rounds or (1 if args.quick else 3)
-    load_before = _load_average()
+    load_before = load_average()
     rows = run_benchmark(size, tuple(args.batches), prompt, steps, rounds,
                          Path(args.workdir) if args.workdir else None)
     if args.json:
@@ -366,15 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results:
         command = "python benchmarks/mole_decode.py " + " ".join(argv if argv is not None
                                                                  else sys.argv[1:])
-        path = (Path(args.results_file) if args.results_file else
-                Path(__file__).resolve().parents[3] / "benchmarks" / "RESULTS.md")
         write_results(results_section(rows, command.strip(), size, prompt, steps, rounds,
-                                      load_before), path)
+                                      load_before), args.results_file)
     return 0
 
-
-def _load_average() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.bench_results import cpu_features, cpu_name, load_average, write_section
 from moelab.ops.activations import act_forward
 from moelab.ops.backends import BACKENDS, triton_available
 from moelab.ops.expert_ffn import expert_ffn
@@ -148,23 +148,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_average() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
 def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
                     load_before: str | None = None) -> str:
     shapes = "; ".join(f"{n}: d={s['d_model']}, {s['n_experts']} experts of {s['d_expert']}, "
@@ -176,8 +159,8 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: "
-        f"{_cpu_name()}, threads: {torch.get_num_threads()}, 1-minute load average before "
-        f"the run: {load_before or _load_average()} (other processes sharing the cores lower "
+        f"{cpu_name()} ({cpu_features()}), threads: {torch.get_num_threads()}, 1-minute load average before "
+        f"the run: {load_before or load_average()} (other processes sharing the cores lower "
         "these numbers, the MoE rows more than the dense ones)  ",
         f"{n_tokens} tokens; {shapes}; activation {ACTIVATION}, non-gated; median of {repeats} "
         "forward+backward steps after warm-up, dense and every backend interleaved (order rotated "
@@ -191,14 +174,8 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
     ])
 
 
-def write_results(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+def write_results(section: str, path: Path | None = None) -> Path:
+    return write_section("moe_layer", section, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n_tokens = args.tokens or (512 if args.quick else 8192)
     repeats = args.repeats or (2 if args.quick else 7)
-    load_before = _load_average()
+    load_before = load_average()
     rows = run_benchmark(shapes=args.shapes, dtypes=args.dtypes, backends=args.backends,
                          repeats=repeats, n_tokens=n_tokens, threads=args.threads)
     if args.json:
@@ -227,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results:
         command = "python benchmarks/moe_layer.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        repo_bench = Path(__file__).resolve().parents[3] / "benchmarks"  # src layout checkout
-        bench_dir = repo_bench if repo_bench.is_dir() else Path.cwd() / "benchmarks"
-        path = Path(args.results_file) if args.results_file else bench_dir / "RESULTS.md"
-        write_results(results_section(rows, command.strip(), n_tokens, repeats, load_before),
-                      path)
+        path = write_results(results_section(rows, command.strip(), n_tokens, repeats,
+                                             load_before), args.results_file)
         print(f"wrote {path}", file=sys.stderr)
     return 0
