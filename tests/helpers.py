@@ -26,3 +26,84 @@ def tiny(*sets: str, base: str = "dense-tiny") -> Config:
     return load_preset(base).with_overrides(
         ["model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.attention.n_heads=4",
          "model.ffn.d_ff=48", "model.max_seq_len=64", "train.seq_len=32", *sets])
+
+
+def sharpened_model(*sets: str):
+    """A tiny MoELM in eval mode whose matrices are 8x the init, so attention patterns (and
+    routing) are far from uniform and a causality or cache bug cannot hide in averaging."""
+    import torch
+
+    from moelab.model import MoELM
+
+    torch.manual_seed(0)
+    m = MoELM(tiny(*sets).model).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    return m
+
+
+def assert_matches_reference(layer, reference, x, ctx=None, router_tol: float = 1e-5):
+    """`layer(x)` against `reference(layer, x)` (an explicit float64 loop) for the output and
+    the gradients of the input and of every parameter. Router parameters get their gradient
+    through float32 logits, hence their looser tolerance."""
+    import torch
+
+    from moelab.layers.base import ForwardContext
+
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x, None, 0, ctx if ctx is not None else ForwardContext())
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = reference(layer, x_ref)
+    assert torch.allclose(y, y_ref, rtol=1e-9, atol=1e-10)
+    g = torch.randn_like(y)
+    names, params = zip(*layer.named_parameters())
+    grads = torch.autograd.grad(y, [x, *params], g)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *params], g)
+    for name, a, b in zip(("x",) + names, grads, grads_ref):
+        tol = router_tol if "router" in name else 1e-9
+        assert torch.allclose(a, b, rtol=tol, atol=tol), name
+
+
+def assert_causal_and_cached(m, seq: int = 15, tol: float = 1e-5):
+    """Changing token t+1 leaves logits up to t unchanged (within `tol`: routing changes which
+    rows share an expert matmul, so equal up to rounding, not bitwise) and changes t+1; decoding
+    in chunks and single tokens with a KV cache equals the full forward. Returns the cache."""
+    import torch
+
+    x = torch.randint(0, m.config.vocab_size, (2, seq))
+    full = m(x).logits
+    for t in (0, seq // 3, 2 * seq // 3):
+        y = x.clone()
+        y[:, t + 1] = (y[:, t + 1] + 1 + torch.arange(2)) % m.config.vocab_size
+        out = m(y).logits
+        assert (out[:, : t + 1] - full[:, : t + 1]).abs().max() <= tol
+        assert not torch.allclose(out[:, t + 1], full[:, t + 1])
+    cache = m.new_cache()
+    a, b = seq * 2 // 5, seq * 2 // 3
+    parts = [m(x[:, :a], cache=cache).logits, m(x[:, a:b], cache=cache).logits]
+    parts += [m(x[:, t:t + 1], cache=cache).logits for t in range(b, seq)]
+    assert (torch.cat(parts, 1) - full).abs().max() <= tol
+    return cache
+
+
+def assert_counts_match(cfg, batch: int = 2, seq: int = 12, rel: float = 0.02):
+    """flops.count's parameters equal the module's, and its forward MACs match PyTorch's
+    FlopCounterMode (math SDPA, full attention) within `rel`."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moelab.flops import count
+    from moelab.model import MoELM
+
+    m = MoELM(cfg)
+    res = count(cfg, batch=batch, seq_len=seq, full_attention=True)
+    assert res["params_total"] == sum(p.numel() for p in m.parameters())
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        m(x)
+    measured = fc.get_total_flops() / 2
+    assert abs(res["macs_forward"] - measured) / measured < rel
+    return res

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from helpers import ATTENTION_OPTIONS, tiny
+from helpers import ATTENTION_OPTIONS, sharpened_model, tiny
 from moelab.layers.attention import DenseAttention
 from moelab.layers.base import ForwardContext
 from moelab.model import MoELM
@@ -11,20 +11,9 @@ from moelab.model import MoELM
 torch.set_default_dtype(torch.float32)
 
 
-def _model(sets):
-    torch.manual_seed(0)
-    m = MoELM(tiny(*sets).model).eval()
-    # larger weights than the 0.02 init, so attention patterns are far from uniform
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    return m
-
-
 @pytest.mark.parametrize("name", list(ATTENTION_OPTIONS))
 def test_causality(name):
-    m = _model(ATTENTION_OPTIONS[name])
+    m = sharpened_model(*ATTENTION_OPTIONS[name])
     x = torch.randint(0, 97, (2, 12))
     base = m(x).logits
     for t in (0, 5, 10):
@@ -37,7 +26,7 @@ def test_causality(name):
 
 @pytest.mark.parametrize("name", list(ATTENTION_OPTIONS))
 def test_cached_decoding_equals_full_forward(name):
-    m = _model(ATTENTION_OPTIONS[name])
+    m = sharpened_model(*ATTENTION_OPTIONS[name])
     x = torch.randint(0, 97, (2, 15))
     full = m(x).logits
     # prefill 6, then a 4-token chunk (masked, with a cache prefix), then single tokens

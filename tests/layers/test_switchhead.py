@@ -3,13 +3,11 @@ import math
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import tiny
+from helpers import (assert_causal_and_cached, assert_counts_match, assert_matches_reference,
+                     sharpened_model, tiny)
 from moelab.config import load_preset
 from moelab.errors import ConfigError
-from moelab.flops import count
 from moelab.layers.base import ForwardContext
 from moelab.layers.switchhead import SwitchHeadAttention
 from moelab.model import MoELM
@@ -89,75 +87,30 @@ def _reference(layer, x_BTD):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_matches_explicit_reference_outputs_and_grads(name, backend):
     layer = _layer(VARIANTS[name], backend)
-    x = torch.randn(2, 5, layer.q_proj.in_features, dtype=torch.float64, requires_grad=True)
-    y = layer(x, None, 0, ForwardContext())
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = _reference(layer, x_ref)
-    assert torch.allclose(y, y_ref, rtol=1e-9, atol=1e-10)
-    g = torch.randn_like(y)
-    names, params = zip(*layer.named_parameters())
-    grads = torch.autograd.grad(y, [x, *params], g)
-    grads_ref = torch.autograd.grad(y_ref, [x_ref, *params], g)
-    for name, a, b in zip(("x",) + names, grads, grads_ref):
-        # router weights get their gradient through the float32 logits
-        tol = 1e-5 if "router" in name else 1e-9
-        assert torch.allclose(a, b, rtol=tol, atol=tol), name
-
-
-def _model(sets):
-    torch.manual_seed(0)
-    m = MoELM(tiny(*sets).model).eval()
-    with torch.no_grad():  # larger weights than the init, so attention is far from uniform
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.mul_(8.0)
-    return m
+    x = torch.randn(2, 5, layer.q_proj.in_features, dtype=torch.float64)
+    assert_matches_reference(layer, _reference, x)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_causality_and_cached_decoding(name):
-    m = _model(VARIANTS[name])
-    x = torch.randint(0, 97, (2, 15))
-    full = m(x).logits
-    for t in (0, 5, 10):
-        y = x.clone()
-        y[:, t + 1] = (y[:, t + 1] + 1 + torch.arange(2)) % 97
-        out = m(y).logits
-        # routing changes which rows share an expert matmul: equal up to rounding, not bitwise
-        assert (out[:, : t + 1] - full[:, : t + 1]).abs().max() < 1e-5
-        assert not torch.allclose(out[:, t + 1], full[:, t + 1])
-    cache = m.new_cache()
-    parts = [m(x[:, :6], cache=cache).logits, m(x[:, 6:10], cache=cache).logits]
-    parts += [m(x[:, t:t + 1], cache=cache).logits for t in range(10, 15)]
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+    m = sharpened_model(*VARIANTS[name])
+    assert_causal_and_cached(m, seq=15)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_counts_match_module_and_flop_counter(name):
-    cfg = tiny(*VARIANTS[name], "model.moe_backend=loop").model
-    m = MoELM(cfg)
-    res = count(cfg, batch=2, seq_len=12, full_attention=True)
-    assert res["params_total"] == sum(p.numel() for p in m.parameters())
-    x = torch.randint(0, cfg.vocab_size, (2, 12))
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m(x)
-    measured = fc.get_total_flops() / 2
-    assert abs(res["macs_forward"] - measured) / measured < 0.02
+    assert_counts_match(tiny(*VARIANTS[name], "model.moe_backend=loop").model)
 
 
 def test_tiny_preset_macs_match_flop_counter():
-    cfg = load_preset("switchhead-tiny").with_overrides(["model.moe_backend=loop"]).model
-    m = MoELM(cfg)
-    res = count(cfg, batch=1, seq_len=32, full_attention=True)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m(torch.randint(0, cfg.vocab_size, (1, 32)))
-    assert abs(res["macs_forward"] - fc.get_total_flops() / 2) / res["macs_forward"] < 0.02
+    assert_counts_match(load_preset("switchhead-tiny").with_overrides(["model.moe_backend=loop"]).model,
+                        batch=1, seq=32)
 
 
 def test_entropy_regulariser_is_per_head_marginal():
     """MoEUT 1.4: per sequence and head, the negative entropy of the time-pooled softmax over
     that head's Ea experts, averaged over batch and heads; one loss per router."""
-    m = _model(SH)
+    m = sharpened_model(*SH)
     m.train()
     x = torch.randint(0, 97, (3, 7))
     out = m(x)
@@ -172,7 +125,7 @@ def test_entropy_regulariser_is_per_head_marginal():
 
 
 def test_attention_entropy_coef_overrides_the_router_one():
-    m = _model(SH + ["model.attention.entropy_coef=0.0", "model.router.entropy_coef=0.5"])
+    m = sharpened_model(*SH, "model.attention.entropy_coef=0.0", "model.router.entropy_coef=0.5")
     assert not any(k.endswith(".entropy") for k in m(torch.randint(0, 97, (1, 5))).aux_losses)
     layer = SwitchHeadAttention(tiny(*SH, "model.attention.entropy_coef=0.002").model, 0)
     assert layer.v_router.router.cfg.entropy_coef == 0.002

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import tiny
+from helpers import (assert_causal_and_cached, assert_counts_match, assert_matches_reference,
+                     sharpened_model, tiny)
 from moelab.config import load_preset
 from moelab.errors import ConfigError
 from moelab.flops import count
@@ -139,45 +138,14 @@ def _reference(layer, x_BTD):
 @pytest.mark.parametrize("name", ATT_VARIANTS)
 def test_matches_explicit_reference_outputs_and_grads(name, backend):
     layer = _layer(VARIANTS[name], backend)
-    x = torch.randn(2, 5, layer.d, dtype=torch.float64, requires_grad=True)
-    y = layer(x, None, 0, ForwardContext())
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = _reference(layer, x_ref)
-    assert torch.allclose(y, y_ref, rtol=1e-9, atol=1e-10)
-    g = torch.randn_like(y)
-    names, params = zip(*layer.named_parameters())
-    grads = torch.autograd.grad(y, [x, *params], g)
-    grads_ref = torch.autograd.grad(y_ref, [x_ref, *params], g)
-    for n, a, b in zip(("x",) + names, grads, grads_ref):
-        tol = 1e-5 if "router" in n else 1e-9  # the router's gradient passes float32 logits
-        assert torch.allclose(a, b, rtol=tol, atol=tol), n
-
-
-def _model(sets):
-    torch.manual_seed(0)
-    m = MoELM(tiny(*sets).model).eval()
-    with torch.no_grad():  # larger weights than the init, so attention is far from uniform
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.mul_(8.0)
-    return m
+    x = torch.randn(2, 5, layer.d, dtype=torch.float64)
+    assert_matches_reference(layer, _reference, x)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_causality_and_cached_decoding(name):
-    m = _model(VARIANTS[name])
-    x = torch.randint(0, 97, (2, 15))
-    full = m(x).logits
-    for t in (0, 5, 10):
-        y = x.clone()
-        y[:, t + 1] = (y[:, t + 1] + 1 + torch.arange(2)) % 97
-        out = m(y).logits
-        assert (out[:, : t + 1] - full[:, : t + 1]).abs().max() < 1e-5
-        assert not torch.allclose(out[:, t + 1], full[:, t + 1])
-    cache = m.new_cache()
-    parts = [m(x[:, :6], cache=cache).logits, m(x[:, 6:10], cache=cache).logits]
-    parts += [m(x[:, t:t + 1], cache=cache).logits for t in range(10, 15)]
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+    m = sharpened_model(*VARIANTS[name])
+    cache = assert_causal_and_cached(m, seq=15)
     # UMoE caches one key head and the hidden state: d_k + d values per token per layer
     cfg = m.config
     assert cache.numel() == 2 * 15 * cfg.n_layers * (cfg.head_dim + cfg.d_model)
@@ -186,16 +154,8 @@ def test_causality_and_cached_decoding(name):
 @pytest.mark.parametrize("name", list(VARIANTS) + ["dense_attention_umoe_ffn"])
 def test_counts_match_module_and_flop_counter(name):
     sets = VARIANTS.get(name) or U[8:]  # dense attention: the FFN makes and counts the bank
-    cfg = tiny(*sets, "model.moe_backend=loop").model
-    m = MoELM(cfg)
-    res = count(cfg, batch=2, seq_len=12, full_attention=True)
-    assert res["params_total"] == sum(p.numel() for p in m.parameters())
+    res = assert_counts_match(tiny(*sets, "model.moe_backend=loop").model)
     assert res["params_active"] <= res["params_total"]
-    x = torch.randint(0, cfg.vocab_size, (2, 12))
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m(x)
-    measured = fc.get_total_flops() / 2
-    assert abs(res["macs_forward"] - measured) / measured < 0.02
 
 
 def test_bank_is_one_tensor_shared_by_attention_and_ffn():
@@ -252,7 +212,7 @@ def test_checkpoint_round_trip_keeps_the_bank_shared(tmp_path):
 
 
 def test_balance_losses_one_per_router():
-    out = _model(U)(torch.randint(0, 97, (2, 9)))
+    out = sharpened_model(*U)(torch.randint(0, 97, (2, 9)))
     assert sorted(out.aux_losses) == [f"layer{i}.{r}_router.seq" for i in (0, 1)
                                       for r in ("attn", "ffn")]
 
@@ -295,9 +255,5 @@ def test_tiny_presets_match_dense_tiny_macs(name):
 
 @pytest.mark.parametrize("name", ["umoe-att-tiny", "umoe-tiny"])
 def test_tiny_preset_macs_match_flop_counter(name):
-    cfg = load_preset(name).with_overrides(["model.moe_backend=loop"]).model
-    m = MoELM(cfg)
-    res = count(cfg, batch=1, seq_len=32, full_attention=True)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m(torch.randint(0, cfg.vocab_size, (1, 32)))
-    assert abs(res["macs_forward"] - fc.get_total_flops() / 2) / res["macs_forward"] < 0.02
+    assert_counts_match(load_preset(name).with_overrides(["model.moe_backend=loop"]).model,
+                        batch=1, seq=32)
