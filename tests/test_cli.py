@@ -37,6 +37,12 @@ def test_generate_from_untrained_preset(capsys):
     (["export", "hf", "/nonexistent/run", "--out", "/tmp/x"], "/nonexistent/run"),
     (["info", "--preset", "dense-tiny", "--set", "train.parallel=zero3"], "train.parallel"),
     (["generate", "--preset", "dense-tiny", "--set", "model.vocab_size=100"], "vocab_size is 100"),
+    (["convert", "mole-lut", "/nonexistent/run", "--out", "/nonexistent/lut"], "no such run"),
+    (["convert", "mole-lut", "/nonexistent/run", "--out", "/nonexistent/lut", "--dtype", "fp8"],
+     "--dtype 'fp8': not a lookup-table dtype"),
+    (["convert", "mole-lut", "/nonexistent/run", "--out", "/nonexistent/lut", "--block-size",
+      "64"], "--block-size 64: only the nf4 dtype"),
+    (["eval", "/nonexistent/run", "--storage", "mmap"], "applies to a converted MoLE directory"),
 ])
 def test_user_errors_are_one_line(capsys, argv, words):
     assert main(argv) == 2

@@ -1,4 +1,5 @@
-"""moelab command line: train | eval | report | generate | compare | info | data | bench | demo.
+"""moelab command line: train | eval | report | generate | compare | info | data | export |
+convert | bench | demo.
 
 Every command reports user mistakes (`MoelabError`: config, data, checkpoint) as one line on stderr
 with exit code 2, never a traceback.
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="sample text from a trained run or an untrained preset")
-    p.add_argument("run_dir", nargs="?", help="run or checkpoint directory")
+    p.add_argument("run_dir", nargs="?",
+                   help="run, checkpoint or converted MoLE directory (moelab convert mole-lut)")
     _model_args(p)
     p.add_argument("--prompt", default="", help="prompt text")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run's; bytes for a preset)")
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
+    _storage_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("data", help="prepare token shards")
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="perplexity, built-in zero-shot tasks, lm-evaluation-harness")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run, checkpoint or converted MoLE directory (perplexity only)")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--data", help="data directory (default: the one the run was trained on)")
     p.add_argument("--tasks", help="built-in zero-shot tasks instead of perplexity: cloze,minpairs")
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    _storage_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="figures and a markdown summary of a run")
@@ -121,11 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_export_hf)
 
+    p = sub.add_parser("convert", help="convert a trained run into another inference form")
+    csub = p.add_subparsers(dest="convert_command", required=True)
+    q = csub.add_parser("mole-lut", help="re-parameterise a MoLE run's experts into lookup "
+                                         "tables (MoLE sec. 3.3)")
+    q.add_argument("run_dir", help="MoLE run (ffn.kind: mole) or one of its checkpoints")
+    q.add_argument("--out", required=True, help="directory to write (must not exist)")
+    q.add_argument("--dtype", default="fp16", metavar="{fp16,bf16,fp32,int8,nf4}",
+                   help="table encoding (default fp16, as the paper)")
+    q.add_argument("--block-size", type=int, default=None,
+                   help="nf4 only: values per absmax scale (default: one (token, expert) row "
+                        "of d_model values, the paper's token-wise blocks)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_convert_mole_lut)
+
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("moe-layer", help="MoE FFN layer vs a dense FFN of equal FLOPs")
     q.add_argument("rest", nargs=argparse.REMAINDER, help="options of benchmarks/moe_layer.py")
     q.set_defaults(func=cmd_bench_moe_layer)
+    q = bsub.add_parser("mole-decode", help="per-token decode latency: dense, MoE (RAM and "
+                                            "offloaded), MoLE lookup tables (RAM and disk)")
+    q.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="options of benchmarks/mole_decode.py (--quick, --json, --threads N, "
+                        "--write-results, ...)")
+    q.set_defaults(func=cmd_bench_mole_decode)
 
     p = sub.add_parser("demo", help="the main job: prepare data, train, evaluate, sample")
     p.add_argument("--out", default="runs/demo")
@@ -136,9 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=None, metavar="{auto,ram,mmap}",
+                   help="converted MoLE directory only: where the lookup tables live (auto: RAM "
+                        "up to 1 GiB, else memory-mapped from disk; pinned/device on CUDA)")
+
+
+def _parse_args(raw: list[str]) -> argparse.Namespace:
+    ap = build_parser()
+    if len(raw) >= 2 and raw[0] == "bench" and not raw[1].startswith("-"):
+        # a benchmark parses its own options: hand it everything after `bench NAME` verbatim
+        # (argparse's REMAINDER does not take arguments that start with `--` in a subcommand)
+        args = ap.parse_args(raw[:2])
+        args.rest = raw[2:]
+        return args
+    return ap.parse_args(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(raw)
+    args = _parse_args(raw)
     args.raw_argv = raw
     try:
         return args.func(args) or 0
@@ -214,10 +255,16 @@ def cmd_generate(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.run_dir:
-        from moelab.train.checkpoint import find_tokenizer, load_model
+        from moelab.export.mole_model import load_any
+        from moelab.train.checkpoint import find_tokenizer
 
-        model, cfg, ckpt = load_model(args.run_dir)
-        tok_path = args.tokenizer or find_tokenizer(ckpt)
+        _check_storage(args)
+        # a converted MoLE directory gives the lookup model (its tokenizer.json is copied there)
+        model, cfg, where = load_any(args.run_dir, storage=args.storage or "auto")
+        tok_path = args.tokenizer or find_tokenizer(where)
+    elif args.storage is not None:
+        raise ConfigError(f"--storage {args.storage}: applies to a converted MoLE directory "
+                          "(moelab convert mole-lut), not to an untrained preset")
     elif args.preset or args.config:
         from moelab.config import resolve_config
         from moelab.model import MoELM
@@ -290,8 +337,43 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def _check_storage(args) -> None:
+    """--storage only means something for a converted MoLE directory; say so rather than
+    silently ignoring it."""
+    from moelab.errors import ConfigError
+    from moelab.export.mole_model import STORAGES, is_converted_dir
+
+    if args.storage is None:
+        return
+    if args.storage not in STORAGES:
+        raise ConfigError(f"--storage {args.storage!r}: allowed {', '.join(STORAGES)}")
+    if not is_converted_dir(args.run_dir):
+        raise ConfigError(f"--storage {args.storage}: applies to a converted MoLE directory "
+                          f"(moelab convert mole-lut); {args.run_dir} is not one")
+
+
+def cmd_convert_mole_lut(args) -> int:
+    from moelab.export.mole_lut import convert_mole_lut
+
+    h = convert_mole_lut(args.run_dir, args.out, dtype=args.dtype, block_size=args.block_size,
+                         overwrite=args.overwrite)
+    V, L, R = h["shape"]
+    print(f"wrote {args.out}: {h['dtype']} lookup tables, {V} tokens x {L} layers x "
+          f"{h['n_experts']} experts x d {h['d_model']} = {V * L * R / 2**20:.1f} MiB, "
+          f"{h['bytes_per_token']:,} bytes per token ({100 * h['storage_vs_fp16']:.1f}% of fp16)")
+    return 0
+
+
 def cmd_eval(args) -> int:
+    from moelab.errors import ConfigError
+    from moelab.export.mole_model import is_converted_dir
+
     device = "cpu" if args.device == "auto" else args.device
+    _check_storage(args)
+    if (args.tasks or args.lm_eval) and is_converted_dir(args.run_dir):
+        raise ConfigError(f"{args.run_dir} is a converted MoLE directory: --tasks/--lm-eval "
+                          "take the training run; the converted model gives perplexity only "
+                          "(moelab eval DIR without --tasks)")
     if args.tasks or args.lm_eval:
         res = {}
         if args.tasks:
@@ -309,12 +391,15 @@ def cmd_eval(args) -> int:
         return 0
     from moelab.eval.perplexity import evaluate_run
 
-    res = evaluate_run(args.run_dir, split=args.split, data_dir=args.data, device=args.device)
+    res = evaluate_run(args.run_dir, split=args.split, data_dir=args.data, device=args.device,
+                       storage=args.storage)
     if args.json:
         print(json.dumps(res))
     else:
+        lut = res.get("lookup")
+        form = (f" (lookup tables {lut['dtype']}, storage {lut['storage']})" if lut else "")
         print(f"{args.split}: perplexity {res['perplexity']:.3f}, mean per-document perplexity "
-              f"{res['doc_perplexity']:.3f} over {res['tokens']:,} tokens")
+              f"{res['doc_perplexity']:.3f} over {res['tokens']:,} tokens{form}")
     return 0
 
 
@@ -347,6 +432,12 @@ def cmd_compare(args) -> int:
 
 def cmd_bench_moe_layer(args) -> int:
     from moelab.ops.bench import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def cmd_bench_mole_decode(args) -> int:
+    from moelab.export.mole_bench import main as bench_main
 
     return bench_main(args.rest) or 0
 

@@ -11,7 +11,8 @@ Reported:
   perplexity      exp(total NLL / total predicted tokens) over the whole split (token-weighted)
   doc_perplexity  mean over documents of exp(document mean NLL) (every document weighs the same)
 Results go to RUN_DIR/eval.json: one entry per split plus, at the top level, the keys of the
-split evaluated last.
+split evaluated last. A converted MoLE directory (moelab convert mole-lut) is scored the same way,
+through its lookup model, and keeps its own eval.json.
 """
 from __future__ import annotations
 
@@ -104,22 +105,23 @@ def perplexities(nll_D: torch.Tensor, count_D: torch.Tensor) -> dict:
 
 def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path | None = None,
                  device: str = "auto", max_tokens: Optional[int] = None, batch_size: int = 8,
-                 seq_len: Optional[int] = None) -> dict:
+                 seq_len: Optional[int] = None, storage: Optional[str] = None) -> dict:
     """Perplexity of the newest checkpoint of `run_dir` on `split` of its data (or `data_dir`).
 
-    Writes RUN_DIR/eval.json (merged with what is there) and returns this split's results.
+    `run_dir` may also be a directory written by `moelab convert mole-lut`: its lookup model is
+    scored (tables in `storage`, see moelab.export.mole_model), and the data directory is found
+    from the run.json / config.json the conversion copied. Writes eval.json into the run (or
+    converted) directory, merged with what is there, and returns this split's results.
     """
     from moelab.data.loader import iter_documents
     from moelab.data.shards import load_meta
-    from moelab.train.checkpoint import load_model
     from moelab.train.loop import resolve_device
     from moelab.train.rundir import check_vocab, read_run_info
 
     start = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
     dev = resolve_device(device)
-    model, cfg, ckpt = load_model(run_dir, device=dev)  # CheckpointError if there is none
-    owner = ckpt.parent.parent  # the run directory, also when a checkpoint dir was given
+    model, cfg, owner, ckpt_name, lookup = _load_scored_model(run_dir, dev, storage)
     info = read_run_info(owner)
     if data_dir is None:
         data_dir = info.get("data_dir") or cfg.data.dir
@@ -138,12 +140,34 @@ def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path |
     docs = list(iter_documents(data_dir, split))
     scored = score_documents(model, docs, meta["eos_id"], T, batch_size, dev, max_tokens)
     wall = time.perf_counter() - start
+    tail = ckpt_name.rsplit("-", 1)[-1]
     res = {"split": split, **perplexities(scored["nll_D"], scored["count_D"]),
-           "windows": scored["windows"], "seq_len": T, "checkpoint": ckpt.name,
-           "step": int(ckpt.name.split("-")[-1]), "data_dir": str(data_dir.resolve()),
+           "windows": scored["windows"], "seq_len": T, "checkpoint": ckpt_name,
+           "step": int(tail) if tail.isdigit() else None, "data_dir": str(data_dir.resolve()),
            "max_tokens": max_tokens, "wall_s": round(wall, 3)}
+    if lookup is not None:
+        res["lookup"] = lookup
     _write_eval_json(owner, split, res)
     return res
+
+
+def _load_scored_model(path: Path, device, storage: Optional[str]):
+    """(model, config, directory that owns eval.json, checkpoint name, lookup-table facts or
+    None) of a training run / checkpoint, or of a converted MoLE directory."""
+    from moelab.export.mole_model import is_converted_dir, load_any
+
+    if is_converted_dir(path):
+        model, cfg, owner = load_any(path, device=device, storage=storage or "auto")
+        h = model.tables.header
+        source = (h.get("source") or {}).get("checkpoint")
+        lookup = {"dtype": h["dtype"], "storage": model.tables.storage,
+                  "bytes_per_token": h["bytes_per_token"], "source": source}
+        return model, cfg, owner, Path(source).name if source else owner.name, lookup
+    from moelab.train.checkpoint import load_model
+
+    model, cfg, ckpt = load_model(path, device=device)  # CheckpointError if there is none
+    # the run directory, also when a checkpoint dir was given
+    return model, cfg, ckpt.parent.parent, ckpt.name, None
 
 
 def _check_tokenizer(info: dict, meta: dict, data_dir: Path, run_dir: Path) -> None:

@@ -211,11 +211,26 @@ def convert_mole_lut(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp1
                      overwrite: bool = False) -> dict:
     """Convert the newest checkpoint of a MoLE run (or a checkpoint directory) into a
     self-contained lookup directory; returns its header. `moelab convert mole-lut`."""
-    from moelab.train.checkpoint import find_tokenizer, load_model
+    from moelab.train.checkpoint import find_tokenizer, load_weights, read_config, \
+        resolve_checkpoint
+    from moelab.model import MoELM
 
     _check_out(out_dir, overwrite)
-    model, cfg, ckpt = load_model(run_dir)
-    extra = [p for p in (find_tokenizer(ckpt), ckpt.parent.parent / "run.json")
+    _check_dtype(dtype, block_size)
+    if (Path(run_dir) / HEADER).is_file():
+        raise ConfigError(f"{run_dir} is already a converted MoLE directory; convert the "
+                          "training run it came from (its mole_lut.json names the checkpoint)")
+    ckpt = resolve_checkpoint(Path(run_dir).expanduser())
+    cfg = read_config(ckpt)
+    if cfg.model.ffn.kind != "mole":  # before building the model: the weights may be large
+        raise ConfigError(f"{run_dir}: model.ffn.kind is {cfg.model.ffn.kind!r}; only a MoLE "
+                          "run (ffn.kind: mole) can be re-parameterised into lookup tables")
+    model = MoELM(cfg.model)
+    load_weights(model, ckpt)
+    run = ckpt.parent.parent
+    # the run's tokenizer and data record travel along, so that `moelab generate/eval DIR`
+    # find the tokenizer and the data directory without the run directory
+    extra = [p for p in (find_tokenizer(ckpt), run / "run.json")
              if p is not None and Path(p).is_file()]
     return convert_model(model, cfg, out_dir, dtype, block_size, chunk_tokens, overwrite,
                          extra_files=extra, source={"checkpoint": str(Path(ckpt).resolve())})
@@ -231,6 +246,7 @@ def convert_model(model, cfg, out_dir: str | Path, dtype: str = "fp16",
         raise ConfigError(f"model.ffn.kind is {m.ffn.kind!r}: only a `mole` model can be "
                           "re-parameterised into lookup tables")
     out = _check_out(out_dir, overwrite)
+    _check_dtype(dtype, block_size)
     codec = make_codec(dtype, m.ffn.n_experts, m.d_model, block_size)
     V, L, R = m.vocab_size, m.n_distinct_layers, codec.record_bytes
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
@@ -278,8 +294,26 @@ def convert_model(model, cfg, out_dir: str | Path, dtype: str = "fp16",
 def _check_out(out_dir, overwrite: bool) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose a new --out or pass overwrite")
+        raise CheckpointError(f"{out} already exists; choose a new --out or pass --overwrite "
+                              "(overwrite=True)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / HEADER).is_file():
+        # --overwrite replaces an earlier conversion, never some other directory's contents
+        raise CheckpointError(f"{out} is not empty and not a converted MoLE directory (no "
+                              f"{HEADER}); refusing to replace it, choose another --out")
     return out
+
+
+def _check_dtype(dtype: str, block_size: int | None) -> None:
+    if dtype not in CODECS:
+        raise ConfigError(f"--dtype {dtype!r}: not a lookup-table dtype; allowed: "
+                          f"{', '.join(CODECS)}")
+    if block_size is not None and dtype != "nf4":
+        raise ConfigError(f"--block-size {block_size}: only the nf4 dtype has blocks, not "
+                          f"{dtype!r}")
+    if block_size is not None and block_size <= 0:
+        raise ConfigError(f"--block-size {block_size}: expected a positive even number")
 
 
 def _save_non_expert_weights(model, cfg, path: Path) -> None:

@@ -7,8 +7,10 @@ distinct token once, all layers), in layer order:
 
 - storage `ram`:    the table is read into CPU memory; rows are gathered up front (a memcpy).
 - storage `mmap`:   the table stays on disk, mapped with `MADV_RANDOM` (rows are scattered: the
-                    kernel's read-around would pull megabytes per 4 KiB row); a background thread
-                    reads layer l+1's rows (page faults) while layer l computes.
+                    kernel's read-around would pull megabytes per 4 KiB row). When a forward
+                    starts, every token's row (all layers, contiguous) is announced with
+                    POSIX_FADV_WILLNEED: the kernel reads them while the embedding and the first
+                    attention compute, and each layer then gathers its rows from the page cache.
 - storage `pinned`: (CUDA) the table in page-locked host memory; each layer's rows are copied
                     with non-blocking copies on a side stream, layer l+1's copy overlapping layer
                     l's compute; the main stream waits on that layer's event only.
@@ -81,7 +83,8 @@ class LookupTables:
             if hasattr(mmap, "MADV_RANDOM"):
                 self._mm.madvise(mmap.MADV_RANDOM)
             arr = np.frombuffer(self._mm, dtype=np.uint8).reshape(V, L, R)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="moelab-lut")
+            if self.device.type == "cuda":  # overlaps each layer's gather and copy (_Fetch)
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="moelab-lut")
         else:
             arr = np.fromfile(self.file, dtype=np.uint8).reshape(V, L, R)
         with warnings.catch_warnings():  # read-only mapping: torch warns, nothing writes to it
@@ -118,6 +121,19 @@ class LookupTables:
         if self._fetch is None:
             raise RuntimeError("table rows requested outside a forward of the lookup model")
         return self._fetch.rows(layer_idx, device, dtype)
+
+    def will_need(self, ids_U: torch.Tensor) -> None:
+        """Start reading the rows of tokens `ids_U` (mmap storage) into the page cache."""
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
+            return
+        row = self.shape[1] * self.shape[2]
+        ids = sorted(set(ids_U.tolist()))
+        lo = 0
+        for k in range(1, len(ids) + 1):  # one call per run of consecutive token ids
+            if k == len(ids) or ids[k] != ids[k - 1] + 1:
+                os.posix_fadvise(self._fd, ids[lo] * row, (ids[k - 1] - ids[lo] + 1) * row,
+                                 os.POSIX_FADV_WILLNEED)
+                lo = k
 
     def evict(self) -> None:
         """Drop the table's pages from this mapping and the page cache (cold-read benchmarks)."""
@@ -167,9 +183,18 @@ class _Fetch:
         target = idx_BT.device
         if tables.storage == "device":
             return  # gathered on the device when asked
-        if tables.storage == "mmap":  # background reads, in layer order: l+1 while l computes
-            for layer in layers:
-                self.pending[layer] = tables._pool.submit(self._read, layer, target)
+        if tables.storage == "mmap":
+            # Announce every token's whole row (all layers, contiguous): the kernel starts one
+            # read per token, all in flight at once, and returns; the disk works while the
+            # embedding and the first attention compute. Without it, MADV_RANDOM turns the
+            # reads into one 4 KiB page fault per (token, layer), one after the other.
+            tables.will_need(self.uniq_U)
+            if target.type == "cuda":  # gather + copy of layer l+1 overlap layer l's compute
+                for layer in layers:
+                    self.pending[layer] = tables._pool.submit(self._read, layer, target)
+            # on CPU each layer's rows are gathered when the layer asks (rows): by then their
+            # pages are in, or on their way. (A reader thread per layer was measured: its
+            # hand-offs cost more of a decode step than it hid.)
         elif target.type == "cuda":  # pinned: per-layer copies on the side stream (pipelined)
             for layer in layers:
                 self.pending[layer] = self._read(layer, target)
@@ -205,9 +230,11 @@ class _Fetch:
             if self.t.storage == "device":
                 u = self.uniq_U.to(self.t.table_VLR.device)
                 rec_UR, event = self.t.table_VLR[:, layer].index_select(0, u), None
-            else:
+            elif layer in self.pending:
                 job = self.pending.pop(layer)
                 rec_UR, event = job.result() if isinstance(job, Future) else job
+            else:  # mmap on CPU: read now (the readahead was started with the fetch)
+                rec_UR, event = self._read(layer, device)
             if event is not None:
                 torch.cuda.current_stream(device).wait_event(event)
                 rec_UR.record_stream(torch.cuda.current_stream(device))
