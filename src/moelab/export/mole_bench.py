@@ -2,7 +2,7 @@
 
     moelab bench mole-decode [--json] [--write-results]     (benchmarks/mole_decode.py)
 
-Models (same prompt, greedy decoding, all timed round-robin in one run):
+Models (same prompt, greedy decoding, timed in lockstep in one run; see PHASES):
 - dense:          Pythia-style decoder, non-gated GELU FFN of width F.
 - moe:            Mixtral-like MoE-10E: 10 experts of F/2, top-2 (same active FFN width), in RAM.
 - moe-offloaded:  the same MoE with its experts in a file (fp16): for every forward the experts
@@ -10,7 +10,8 @@ Models (same prompt, greedy decoding, all timed round-robin in one run):
                   with MADV_WILLNEED, MADV_RANDOM otherwise) and run through the engine. This is
                   the MoLE paper's offloading baseline (its Fig. 3), without an expert cache.
 - mole-ram:       MoLE-4E converted to an fp16 lookup table held in RAM (shared expert of F).
-- mole-disk:      the same table memory-mapped from disk, rows read by a background thread.
+- mole-disk:      the same table memory-mapped from disk; each forward announces its tokens'
+                  rows with POSIX_FADV_WILLNEED, then every layer gathers its rows from the map.
 Disk-backed rows are timed `warm` (the page cache holds what was touched before) and `cold`
 (before every decode step the file's pages are dropped from the mapping and the page cache with
 madvise/posix_fadvise(DONTNEED), as for tables or experts larger than RAM; the eviction itself
@@ -316,6 +317,11 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def _moe_expert_bytes(s: dict) -> int:
+    """fp16 bytes of every MoE expert: layers x experts x (W1 d x F/2 + W2 F/2 x d) x 2."""
+    return s["n_layers"] * MOE_EXPERTS * 2 * s["d_model"] * (s["d_ff"] // 2) * 2
+
+
 def results_section(rows: list[dict], command: str, size: str, prompt: int, steps: int,
                     rounds: int, load_before: str) -> str:
     s = SIZES[size]
@@ -333,13 +339,14 @@ def results_section(rows: list[dict], command: str, size: str, prompt: int, step
         f"expert {s['d_ff']} + {MOLE_EXPERTS} routed experts of {s['d_ff']}, converted to an fp16 "
         f"table of {s['vocab'] * s['n_layers'] * MOLE_EXPERTS * s['d_model'] * 2 / 2**20:.0f} MB. "
         f"Offloaded MoE experts: fp16 file, "
-        f"{MOE_EXPERTS * s['n_layers'] * 4 * s['d_model'] * s['d_ff'] / 2**20:.0f} MB.  ",
+        f"{_moe_expert_bytes(s) / 2**20:.0f} MB.  ",
         f"Prompt {prompt} random tokens, then {steps} greedy decode steps; median step time over "
         f"{rounds} rounds (first step of each run and a warm-up round dropped). Models decode in "
         "lockstep, the order rotated every step; three phases, each with its own dense "
         "reference: the in-RAM and `warm` rows together, then each `cold` row alone with dense. "
         "vs dense = median of per-step ratios to the dense step; `faster than moe-offloaded` = "
-        "ratio of the two rows' vs-dense figures. `cold` = the file's pages dropped (madvise + "
+        "ratio of the two rows' vs-dense figures. ms / token = one decode step, i.e. one new token "
+        "for each sequence of the batch. `cold` = the file's pages dropped (madvise + "
         "posix_fadvise DONTNEED) before every step, `warm` = page cache kept. moved / token = "
         "bytes read from the offloaded store per step / batch; disk reads = /proc/self/io "
         "read_bytes per step; resident = parameters + RAM tables (page cache not counted).",
