@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every model (e.g. train.batch_size=8)")
     p.add_argument("--tasks", default="cloze,minpairs", help="zero-shot tasks ('' for none)")
     p.add_argument("--task-limit", type=int, default=200, help="items per zero-shot task")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table, CSV and curves of the finished models")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -425,7 +427,8 @@ def cmd_compare(args) -> int:
         raise MoelabError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     run_compare(presets, args.data, args.tokens, args.out, match_ref=args.match_macs,
                 seeds=seeds, sets=tuple(args.sets), tasks=tuple(_names(args.tasks)),
-                task_limit=args.task_limit, progress=not args.no_progress)
+                task_limit=args.task_limit, progress=not args.no_progress,
+                report_only=args.report_only)
     print((Path(args.out) / "results.md").read_text())
     return 0
 

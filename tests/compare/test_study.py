@@ -35,6 +35,22 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     assert log.count("finished earlier, skipping") == 2
     assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/model.safetensors")}
     assert json.loads((out / "dense-tiny" / "compare.json").read_text())["row"]["model"] == "dense-tiny"
+    # --report-only trains nothing: an unfinished preset is named, not trained
+    report = argv + ["--report-only"]
+    report[report.index("--presets") + 1] = "dense-tiny,sigma-moe-tiny,gated-tiny"
+    capsys.readouterr()
+    assert main(report) == 0
+    log = capsys.readouterr().out
+    assert "gated-tiny: not finished, left out of the report" in log
+    assert not (out / "gated-tiny").exists()
+    table = (out / "results.md").read_text()
+    assert "Not finished, so not in this table: gated-tiny." in table
+    # no ordering of the papers pairs sigma-moe with dense, so all are listed as untested
+    assert "The papers' orderings" not in table and "not tested" in table and "gated < dense" in table
+    # ... and with nothing finished it is a one-line error, not an empty report
+    report[report.index("--presets") + 1] = "gated-tiny"
+    assert main(report) == 2
+    assert "no finished member" in capsys.readouterr().err
     # the same data prepared elsewhere (same shard checksums) still counts as finished
     import shutil
     moved = tmp_path / "data-elsewhere"

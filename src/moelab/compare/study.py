@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from moelab.compare.matching import macs_per_token, match_macs
+from moelab.compare.summary import missing_orderings, ordering_table, seed_table
 from moelab.config import load_preset, preset_names
 from moelab.errors import ConfigError
 from moelab.flops import count, human
@@ -33,7 +34,10 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
                 match_ref: str | None = None, seeds: tuple[int, ...] = (0,),
                 sets: tuple[str, ...] = (), tasks: tuple[str, ...] = ("cloze", "minpairs"),
                 task_limit: int | None = 200, eval_tokens: int | None = 60_000,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, report_only: bool = False) -> list[dict]:
+    """Train and evaluate every (preset, seed) not finished yet, then write the study's table,
+    CSV and curves over all of them. With `report_only`, train nothing: the report covers the
+    finished members and names the others (a long study can be reported while it accumulates)."""
     from tqdm.auto import tqdm
 
     from moelab.train.checkpoint import list_checkpoints
@@ -51,7 +55,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     # Seed-major: an interrupted multi-seed study has every model at the first seed before any
     # model at the second.
     jobs = [(p, s) for s in seeds for p in presets]
-    rows = []
+    rows, missing = [], []
     bar = tqdm(jobs, desc="compare", unit="model", disable=not progress, position=0)
     for preset, seed in bar:
         name = member_name(preset, seed)
@@ -71,6 +75,10 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
             _say(f"{name}: finished earlier, skipping")
             rows.append(json.loads(done.read_text())["row"])
             continue
+        if report_only:
+            _say(f"{name}: not finished, left out of the report")
+            missing.append(name)
+            continue
         _say(f"{name}: {steps} steps of {cfg.train.batch_size} x {cfg.train.seq_len} tokens")
         summary = train(cfg, data_dir=data_dir, out_dir=run_dir, steps=steps,
                         resume=bool(list_checkpoints(run_dir)), progress=progress, device="cpu")
@@ -78,7 +86,10 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         row.update(model=name, preset=preset, seed=seed, matched=matched)
         done.write_text(json.dumps({"key": key, "row": row}, indent=2))
         rows.append(row)
-    write_results(rows, out)
+    if not rows:
+        raise ConfigError(f"compare --report-only: no finished member in {out} for these presets, "
+                          "seeds, token count, data and overrides")
+    write_results(rows, out, missing=missing)
     plot_curves(out, [r["model"] for r in rows])
     return rows
 
@@ -157,7 +168,7 @@ def _fmt(v, kind: str) -> str:
     return {"h": human(v), "f2": f"{v:.2f}", "f3": f"{v:.3f}", "i": f"{v:,.0f}"}[kind]
 
 
-def write_results(rows: list[dict], out: Path) -> str:
+def write_results(rows: list[dict], out: Path, missing: list[str] = ()) -> str:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -175,6 +186,19 @@ def write_results(rows: list[dict], out: Path) -> str:
     changes = [r["matched"] for r in rows if r.get("matched")]
     if changes:
         lines += ["", "MAC matching:"] + [f"- {c}" for c in changes]
+    seeds = seed_table(rows)
+    if seeds:
+        lines += ["", "Validation perplexity over seeds:", "", *seeds]
+    orderings = ordering_table(rows)
+    if orderings:
+        lines += ["", "The papers' orderings at this scale (validation perplexity; \"a vs b\" is "
+                  "mean(a) / mean(b) - 1):", "", *orderings]
+    untested = missing_orderings(rows)
+    if untested:
+        lines += ["", "Orderings not tested (a model has no finished member): "
+                  + ", ".join(untested) + "."]
+    if missing:
+        lines += ["", "Not finished, so not in this table: " + ", ".join(missing) + "."]
     lines += ["", "MACs/token are forward MACs of the model as deployed (MoLE after conversion to "
               "lookup tables); dead experts and load max/mean are measured on validation batches."]
     text = "\n".join(lines) + "\n"
