@@ -1,11 +1,16 @@
 """Shared cases and comparisons for the engine tests."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from moelab.ops import build_plan
 
-BACKENDS = ("loop", "scatter", "grouped_mm", "padded", "auto")
+# `triton` runs in Triton's interpreter on CPU (tests/ops/conftest.py sets TRITON_INTERPRET=1
+# when there is no GPU); without the triton package it is left out.
+BACKENDS = ("loop", "scatter", "grouped_mm", "padded", "auto") + (
+    ("triton",) if importlib.util.find_spec("triton") is not None else ())
 
 # (T, E, k, d, h, empty): T tokens, E experts, top-k, widths, experts forced to get no token.
 # d and h are multiples of 8 so grouped_mm really runs (its rows must be 16-byte aligned).

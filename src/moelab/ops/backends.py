@@ -13,14 +13,18 @@ A backend is how the per-expert matmuls of a routed op are executed:
   and rows whose byte stride is a multiple of 16; otherwise it falls back to `loop`).
 - `padded`: rows scattered into an (E, C, d) zero-padded buffer (C = largest expert count) and
   one `torch.bmm`; one call instead of E, which wins for decode-sized batches.
-- `triton`: reserved for a CUDA kernel; needs CUDA tensors and an importable triton, and none
-  ships yet (a clear error says so).
+- `triton`: the sorted-rows Triton kernels of triton_routed.py (forward, dx, dW), as
+  `torch.library` custom ops. Needs CUDA tensors and the triton package, or CPU tensors under
+  `TRITON_INTERPRET=1` (Triton's interpreter: how the tests run it without a GPU). float32,
+  bf16 and fp16 (float32 accumulation); other dtypes fall back to `loop`. Not chosen by `auto`
+  until it has been measured against `grouped_mm` on a GPU.
 - `auto`: chosen per call by `choose_backend` from device, dtype and shape.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import torch
 
@@ -28,6 +32,7 @@ from moelab.errors import ConfigError
 
 BACKENDS = ("loop", "scatter", "grouped_mm", "padded", "triton")
 CHOICES = ("auto",) + BACKENDS
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # CPU crossovers, measured with 2 threads (E=64, d=512, h=128, k=8 and E=8, h=1024, k=2; see
 # docs/engine.md). Fewer pairs than experts (decode of a few tokens): the plain loop, which only
@@ -48,6 +53,16 @@ def check_backend(name: str) -> str:
 
 def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x: CUDA tensors, or CPU ones under Triton's
+    interpreter (TRITON_INTERPRET=1), with the triton package importable."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def grouped_mm_supported(x: torch.Tensor, w_EIO: torch.Tensor) -> bool:
@@ -88,11 +103,12 @@ def resolve_backend(name: str, x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: in
     if name == "grouped_mm" and not grouped_mm_supported(x, w_EIO):
         return "loop"  # documented clean fallback: same math, every dtype and alignment
     if name == "triton":
-        if not triton_available() or x.device.type != "cuda":
-            raise ConfigError("moe_backend='triton' needs CUDA tensors and the triton package; "
-                              "use 'auto' (or 'grouped_mm'/'scatter') on this machine")
-        raise NotImplementedError("moe_backend='triton': no Triton kernel ships in this version "
-                                  "of moelab; use 'grouped_mm' on CUDA")
+        if not triton_usable(x):
+            raise ConfigError("moe_backend='triton' needs CUDA tensors and the triton package "
+                              "(or TRITON_INTERPRET=1 on CPU, for testing); use 'auto' (or "
+                              "'grouped_mm'/'scatter') on this machine")
+        if x.dtype not in TRITON_DTYPES or w_EIO.dtype != x.dtype:
+            return "loop"  # documented fallback, as for grouped_mm: same math, every dtype
     return name
 
 

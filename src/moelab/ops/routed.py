@@ -3,7 +3,7 @@
 Shapes: x is (T, I) token-major when `gather=True`, or (S, I) already in sorted pair order when
 `gather=False` (the second matmul of an expert); W is (E, I, O); y is (S, O) in sorted order.
 
-`loop`/`scatter` live in loop.py; `grouped_mm` and `padded` here.
+`loop`/`scatter` live in loop.py, `triton` in triton_routed.py; `grouped_mm` and `padded` here.
 """
 from __future__ import annotations
 
@@ -83,6 +83,10 @@ def routed_matmul(x: torch.Tensor, w_EIO: torch.Tensor, plan: RoutingPlan, *, ga
             return GroupedRoutedMM.apply(x, w_EIO, plan, gather)
         if name == "padded":
             return padded_routed_mm(x, w_EIO, plan, gather)
+        if name == "triton":
+            from moelab.ops.triton_routed import triton_routed_mm  # imports triton
+
+            return triton_routed_mm(x, w_EIO, plan, gather)
         return LoopRoutedMM.apply(x, w_EIO, plan, gather, name == "scatter")
 
 
