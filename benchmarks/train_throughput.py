@@ -7,6 +7,12 @@ one step each per round (--warmup untimed rounds, then --steps timed ones), so a
 a shared machine affects every pair alike; the table reports each pair's median step.
 
     python benchmarks/train_throughput.py [--steps 10] [--dtypes float32,bfloat16] [--no-write]
+        [--presets P1,P2] [--set train.seq_len=1024 ...] [--compile] [--device cuda]
+
+MFU = model FLOPs / (step time x matmul peak). Model FLOPs of a step = 3 x 2 x the analytic
+forward MACs of the global batch (`moelab.flops.count`, attention counted causally; backward =
+2 x forward). The peak is measured in the same run: a large square matmul in the row's precision
+on the same device (8192^3 on CUDA, 2048^3 on CPU), median of 10 after warm-up, random data.
 
 The table is printed and written to benchmarks/RESULTS.md between the
 `<!-- train_throughput:start -->` / `<!-- train_throughput:end -->` markers (other sections of
@@ -26,7 +32,30 @@ from moelab.bench_results import cpu_name, write_section
 
 
 
-def make_step(preset: str, dtype: str, device: torch.device):
+PEAK_N = {"cuda": 8192, "cpu": 2048}  # matmul size of the peak measurement
+
+
+def matmul_peak(dtype: str, device: torch.device) -> float:
+    """Measured FLOP/s of a large square matmul in `dtype` on `device` (random operands)."""
+    n = PEAK_N[device.type]
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dt) for _ in range(2))
+    times = []
+    for i in range(13):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def make_step(preset: str, dtype: str, device: torch.device, sets: tuple[str, ...] = (),
+              compile: bool = False):
     """(info dict, step function) for one (preset, precision) pair."""
     from moelab.config import load_preset
     from moelab.flops import count
@@ -34,11 +63,12 @@ def make_step(preset: str, dtype: str, device: torch.device):
     from moelab.train.optim import build_optimizer
     from moelab.train.step import Precision, train_step
 
-    cfg = load_preset(preset)
+    cfg = load_preset(preset).with_overrides(list(sets))
     tc = cfg.train
     torch.manual_seed(0)
     model = MoELM(cfg.model).to(device)
     optimizer = build_optimizer(model, tc)
+    fwd_model = torch.compile(model) if compile else model
     precision = Precision.from_config(dtype, device)
     scaler = precision.grad_scaler()
     g = torch.Generator().manual_seed(0)
@@ -51,20 +81,25 @@ def make_step(preset: str, dtype: str, device: torch.device):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         # train_step ends with a host sync (it reads the loss), so the time is complete
-        train_step(model, optimizer, x_BT, y_BT, tc.grad_accum, tc.grad_clip, precision, scaler)
+        train_step(fwd_model, optimizer, x_BT, y_BT, tc.grad_accum, tc.grad_clip, precision,
+                   scaler)
         return time.perf_counter() - t0
 
     info = {"preset": preset, "dtype": dtype, "batch": f"{tc.batch_size}x{tc.seq_len}",
             "params": count(cfg.model)["params_total"],
-            "active": count(cfg.model)["params_active"], "tokens": tc.batch_size * tc.seq_len}
+            "active": count(cfg.model)["params_active"], "tokens": tc.batch_size * tc.seq_len,
+            "model_flops": 6 * count(cfg.model, batch=tc.batch_size,
+                                     seq_len=tc.seq_len)["macs_forward"]}
     return info, step
 
 
-def bench(pairs: list[tuple[str, str]], steps: int, warmup: int, device: torch.device
-          ) -> list[dict]:
+def bench(pairs: list[tuple[str, str]], steps: int, warmup: int, device: torch.device,
+          sets: tuple[str, ...] = (), compile: bool = False) -> list[dict]:
     """Time the pairs round-robin, one step each per round, so that a load change on a shared
-    machine hits every pair alike; report each pair's median step."""
-    setups = [make_step(preset, dtype, device) for preset, dtype in pairs]
+    machine hits every pair alike; report each pair's median step and its MFU against the
+    matmul peak measured here for its precision."""
+    setups = [make_step(preset, dtype, device, sets, compile) for preset, dtype in pairs]
+    peaks = {dtype: matmul_peak(dtype, device) for dtype in sorted({d for _, d in pairs})}
     times: list[list[float]] = [[] for _ in setups]
     for r in range(warmup + steps):
         for i, (_, step) in enumerate(setups):
@@ -74,20 +109,25 @@ def bench(pairs: list[tuple[str, str]], steps: int, warmup: int, device: torch.d
     rows = []
     for (info, _), ts in zip(setups, times):
         step_s = statistics.median(ts)
-        rows.append({**info, "step_ms": 1000 * step_s, "tokens_per_s": info["tokens"] / step_s})
+        rows.append({**info, "step_ms": 1000 * step_s, "tokens_per_s": info["tokens"] / step_s,
+                     "model_tflops": info["model_flops"] / step_s / 1e12,
+                     "peak_tflops": peaks[info["dtype"]] / 1e12,
+                     "mfu": info["model_flops"] / step_s / peaks[info["dtype"]]})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     by_key = {(r["preset"], r["dtype"]): r for r in rows}
     lines = ["| preset | params (active) | batch (seqs x tokens) | precision | step (ms) "
-             "| tokens/s | vs float32 |", "|---|---:|---|---|---:|---:|---:|"]
+             "| tokens/s | vs float32 | model TFLOP/s | matmul peak TFLOP/s | MFU |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = by_key.get((r["preset"], "float32"))
         rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f} M ({r['active'] / 1e6:.2f} M) "
                      f"| {r['batch']} | {r['dtype']} "
-                     f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {rel} |")
+                     f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {rel} "
+                     f"| {r['model_tflops']:.3g} | {r['peak_tflops']:.3g} | {100 * r['mfu']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -102,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every preset (e.g. train.seq_len=1024)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,22 +155,27 @@ def main(argv: list[str] | None = None) -> int:
                else [p for p in preset_names() if p.endswith("-tiny")])
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = bench([(p, d) for p in presets for d in args.dtypes.split(",")], args.steps,
-                 args.warmup, device)
+                 args.warmup, device, tuple(args.sets), args.compile)
     cmd = "python benchmarks/train_throughput.py" + (f" {' '.join(argv)}" if argv else
                                                      (" " + " ".join(sys.argv[1:])).rstrip())
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     body = "\n".join([
-        "## Training throughput (tiny presets)", "",
+        "## Training throughput" + (" (GPU)" if device.type == "cuda" else " (tiny presets)"),
+        "",
         f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {where}. "
         f"Median of {args.steps} full optimizer steps (forward, backward, clip, fused AdamW) "
-        "after warmup, timed round-robin across rows, random tokens."
+        "after warmup, timed round-robin across rows, random tokens"
+        + (", torch.compile" if args.compile else "") + ". MFU = 6 x forward MACs of the "
+        "batch / step time / the matmul peak measured in this run for the row's precision."
         + (f" 1-minute load average before the run: {load_before:.1f} (other processes "
            "sharing the cores lower these numbers)." if load_before is not None
            and device.type == "cpu" else ""), "", table(rows)])
     print(body)
     if not args.no_write:
-        write_section("train_throughput", body)
+        # CPU and GPU runs keep separate sections: one never replaces the other
+        write_section("train_throughput_cuda" if device.type == "cuda" else "train_throughput",
+                      body)
     return 0
 
 

@@ -36,7 +36,7 @@ SHAPES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ALL_BACKENDS = ("reference",) + BACKENDS + ("auto",)
 ROW_KEYS = ("shape", "dtype", "backend", "dense_ms", "moe_ms", "ratio")
-START, END = "<!-- moe_layer:start -->", "<!-- moe_layer:end -->"
+START, END = "<!-- moe_layer:start -->", "<!-- moe_layer:end -->"  # CPU; GPU: moe_layer_cuda
 ACTIVATION = "silu"
 
 
@@ -44,9 +44,16 @@ def _available(backend: str, device: torch.device) -> bool:
     return backend != "triton" or (device.type == "cuda" and triton_available())
 
 
-def _time_ms(fn) -> float:
+def _time_ms(fn, device: torch.device) -> float:
+    """Wall time of fn(); on CUDA the queue is drained before and after, so the time covers the
+    kernels and not only their launches."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -124,9 +131,7 @@ def run_benchmark(shapes=("coarse", "fine"), dtypes=("float32", "bfloat16"),
                 for name in order[rot:] + order[:rot]:
                     step = steps[name]
                     _clear(leaves)
-                    ms = _time_ms(lambda: step(it))
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
+                    ms = _time_ms(lambda: step(it), dev)
                     if it >= warmup:
                         times[name].append(ms)
             dense_ms = statistics.median(times["dense"])
@@ -148,18 +153,26 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def device_description(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return f"GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    return f"CPU: {cpu_name()} ({cpu_features()}), threads: {torch.get_num_threads()}"
+
+
 def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
-                    load_before: str | None = None) -> str:
+                    load_before: str | None = None, device: str = "cpu") -> str:
     shapes = "; ".join(f"{n}: d={s['d_model']}, {s['n_experts']} experts of {s['d_expert']}, "
                        f"top-{s['top_k']}" for n, s in SHAPES.items()
                        if any(r["shape"] == n for r in rows))
+    name = section_name(device)
     return "\n".join([
-        START,
-        "## MoE layer: routed experts vs same-FLOPs dense FFN",
+        f"<!-- {name}:start -->",
+        "## MoE layer: routed experts vs same-FLOPs dense FFN"
+        + (" (GPU)" if device.startswith("cuda") else ""),
         "",
         f"Command: `{command}`  ",
-        f"Date: {datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: "
-        f"{cpu_name()} ({cpu_features()}), threads: {torch.get_num_threads()}, 1-minute load average before "
+        f"Date: {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"{device_description(device)}, 1-minute load average before "
         f"the run: {load_before or load_average()} (other processes sharing the cores lower "
         "these numbers, the MoE rows more than the dense ones)  ",
         f"{n_tokens} tokens; {shapes}; activation {ACTIVATION}, non-gated; median of {repeats} "
@@ -170,12 +183,17 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
         "autocast), router weights float32. ratio = dense_ms / moe_ms.",
         "",
         markdown_table(rows),
-        END,
+        f"<!-- {name}:end -->",
     ])
 
 
-def write_results(section: str, path: Path | None = None) -> Path:
-    return write_section("moe_layer", section, path)
+def section_name(device: str = "cpu") -> str:
+    """CPU and GPU runs keep separate sections of RESULTS.md: one never replaces the other."""
+    return "moe_layer_cuda" if device.startswith("cuda") else "moe_layer"
+
+
+def write_results(section: str, path: Path | None = None, device: str = "cpu") -> Path:
+    return write_section(section_name(device), section, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the triton row needs cuda)")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
     n_tokens = args.tokens or (512 if args.quick else 8192)
     repeats = args.repeats or (2 if args.quick else 7)
     load_before = load_average()
     rows = run_benchmark(shapes=args.shapes, dtypes=args.dtypes, backends=args.backends,
-                         repeats=repeats, n_tokens=n_tokens, threads=args.threads)
+                         repeats=repeats, n_tokens=n_tokens, threads=args.threads,
+                         device=args.device)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -205,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python benchmarks/moe_layer.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
         path = write_results(results_section(rows, command.strip(), n_tokens, repeats,
-                                             load_before), args.results_file)
+                                             load_before, args.device), args.results_file,
+                             args.device)
         print(f"wrote {path}", file=sys.stderr)
     return 0
