@@ -107,3 +107,30 @@ def assert_counts_match(cfg, batch: int = 2, seq: int = 12, rel: float = 0.02):
     measured = fc.get_total_flops() / 2
     assert abs(res["macs_forward"] - measured) / measured < rel
     return res
+
+
+def assert_greedy_equal(got_BT, want_BT, model, tie_tol: float = 1e-4) -> None:
+    """Two greedy continuations of the same prompt are equal, or part only at a near tie.
+
+    Two equally valid computations of the same logits (cached vs full forward, another batching
+    of the routed experts, another CPU's matmul kernels) can differ in the last bits. Where the
+    model's two best next tokens are closer than that, either may win, and the continuations
+    diverge from there on. So at the first differing position of each row, the model's own full
+    forward over the common prefix must score both tokens within `tie_tol` (relative to the
+    largest logit); a broken cache or mask shows up as a far larger gap.
+    """
+    import torch
+
+    assert got_BT.shape == want_BT.shape, (got_BT.shape, want_BT.shape)
+    for b in range(want_BT.shape[0]):
+        diff = (got_BT[b] != want_BT[b]).nonzero()
+        if len(diff) == 0:
+            continue
+        t = int(diff[0])
+        with torch.no_grad():
+            logits = model(want_BT[b:b + 1, :t]).logits[0, -1].double()
+        gap = (logits[got_BT[b, t]] - logits[want_BT[b, t]]).abs().item()
+        scale = max(1.0, logits.abs().max().item())
+        assert gap <= tie_tol * scale, (
+            f"row {b}: greedy outputs differ at position {t} ({int(got_BT[b, t])} vs "
+            f"{int(want_BT[b, t])}) where the logits are {gap:.3g} apart, not a near tie")

@@ -47,7 +47,10 @@ def test_moeut_causal_and_cached_decoding_uses_the_position_offset():
     assert (inc - full).abs().max() < 1e-5
     y = x.clone()
     y[:, 8] = (y[:, 8] + 1) % 97
-    assert torch.equal(m(y).logits[:, :8], full[:, :8])
+    # earlier positions unchanged: up to last-bit noise, since another token at position 8 routes
+    # differently, and the experts' matmuls then run over other row counts (on some CPUs the
+    # kernel, and so the rounding, depends on the row count); a causality leak would be O(1)
+    torch.testing.assert_close(m(y).logits[:, :8], full[:, :8], rtol=0, atol=1e-5)
 
 
 def test_moeut_entropy_losses_one_per_shared_router():

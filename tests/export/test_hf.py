@@ -15,7 +15,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import tiny  # noqa: E402
+from helpers import assert_greedy_equal, tiny  # noqa: E402
 from moelab.compare.study import tiny_presets  # noqa: E402
 from moelab.config import load_preset  # noqa: E402
 from moelab.errors import CheckpointError, ConfigError, MoelabError  # noqa: E402
@@ -92,10 +92,18 @@ def test_every_tiny_preset_exports_loads_and_generates(preset, tokenizer_file, t
     prompt_BT = ids_BT[:, :6]
     want = model.generate(prompt_BT, 8, temperature=0)
     got = hf.generate(prompt_BT, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert torch.equal(got, want)  # greedy with moelab's KV cache behind HF's Cache
+    assert_greedy_equal(got, want, model)  # greedy with moelab's KV cache behind HF's Cache
     no_cache = hf.generate(prompt_BT, max_new_tokens=8, do_sample=False, min_new_tokens=8,
                            use_cache=False)
-    assert torch.equal(no_cache, want)
+    assert_greedy_equal(no_cache, want, model)
+    # every decoding step's logits equal a full forward over the same prefix: a cache that
+    # transformers failed to hand back (an empty one each step) fails here even when a random
+    # model's greedy tokens happen to agree
+    res = hf.generate(prompt_BT, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                      output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        full = model(res.sequences[:, :-1]).logits[:, prompt_BT.shape[1] - 1:]
+    torch.testing.assert_close(torch.stack(res.logits, 1), full, rtol=0, atol=1e-4)
 
 
 def test_cache_methods_used_by_generate(tokenizer_file, tmp_path):

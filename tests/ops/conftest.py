@@ -1,12 +1,5 @@
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # The `triton` backend's kernels run in Triton's interpreter on CPU tensors. Set before any
-    # test imports them: triton.jit reads it when it decorates a kernel.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

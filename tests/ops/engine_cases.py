@@ -7,7 +7,7 @@ import torch
 
 from moelab.ops import build_plan
 
-# `triton` runs in Triton's interpreter on CPU (tests/ops/conftest.py sets TRITON_INTERPRET=1
+# `triton` runs in Triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1
 # when there is no GPU); without the triton package it is left out.
 BACKENDS = ("loop", "scatter", "grouped_mm", "padded", "auto") + (
     ("triton",) if importlib.util.find_spec("triton") is not None else ())

@@ -12,8 +12,8 @@ import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the triton package is not installed", allow_module_level=True)
-if not torch.cuda.is_available():  # (conftest.py sets it too) before the kernels are defined
-    os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available():  # tests/conftest.py sets it before anything imports triton
+    assert os.environ.get("TRITON_INTERPRET") == "1"
 
 from engine_cases import assert_close, assert_close_norm, make_case  # noqa: E402
 from moelab.ops import build_plan, expert_ffn, resolve_backend, routed_matmul  # noqa: E402

@@ -26,6 +26,10 @@ except ImportError as e:  # pragma: no cover - depends on the loading environmen
 
 from .configuration_moelab import MoelabConfig
 
+# the output's cache field: `cache` in newer transformers, `past_key_values` before
+_CACHE_FIELD = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+                else "past_key_values")
+
 
 class MoelabCache(Cache):
     """moelab's `KVCache` (one `LayerCache` of named tensors per layer position, each grown
@@ -120,14 +124,16 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the model makes its own MoelabCache (module docstring)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None,
-                use_cache=None, inputs_embeds=None, return_dict=None, **kwargs):
+                use_cache=None, inputs_embeds=None, return_dict=None, cache=None, **kwargs):
+        # transformers >= 5.2x passes the cache as `cache` (and still accepts the older
+        # `past_key_values`); missing it would decode every step with an empty cache
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is not None:
             raise ValueError("moelab models take input_ids, not inputs_embeds")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("moelab models have no attention mask: padded batches are not "
                              "supported; use batch size 1 or prompts of equal length")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
         if cache is not None and not isinstance(cache, MoelabCache):
             if isinstance(cache, Cache) and cache.get_seq_length() == 0:
                 cache = None  # an empty cache of another kind: replace it with ours
@@ -142,4 +148,4 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1),
                                    labels[:, 1:].flatten().to(out.logits.device),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{_CACHE_FIELD: cache})
