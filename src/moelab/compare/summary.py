@@ -32,6 +32,7 @@ ORDERINGS = (
     Ordering("umoe", "<", "umoe-att", "UMoE (MAC-matched): sharing the expert bank with the FFN helps"),
     Ordering("umoe-att", "<=", "moe", "UMoE (MAC-matched): attention experts vs FFN experts"),
     Ordering("umoe", "<", "moe", "UMoE (MAC-matched): UMoE beats FFN-MoE"),
+    Ordering("umoe", "<", "dense", "UMoE (MAC-matched): UMoE beats dense"),
     Ordering("moe", "<", "dense", "UMoE / MoLE: FFN-MoE beats dense at equal active compute"),
     Ordering("gated", "<", "dense", "Gated attention: the output gate lowers perplexity"),
     Ordering("moeut", "<=", "dense", "MoEUT: matches or beats dense with fewer MACs"),
