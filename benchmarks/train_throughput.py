@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from moelab.bench_results import cpu_name, write_section
+from moelab.bench_results import cpu_name, time_ms, write_section
 
 
 
@@ -38,20 +38,10 @@ PEAK_N = {"cuda": 8192, "cpu": 2048}  # matmul size of the peak measurement
 def matmul_peak(dtype: str, device: torch.device) -> float:
     """Measured FLOP/s of a large square matmul in `dtype` on `device` (random operands)."""
     n = PEAK_N[device.type]
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device, dt) for _ in range(2))
-    times = []
-    for i in range(13):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    a, b = (torch.randn(n, n, generator=g).to(device, getattr(torch, dtype)) for _ in range(2))
+    times_ms = [time_ms(lambda: torch.mm(a, b), device) for _ in range(13)][3:]  # 3 warm-ups
+    return 2 * n ** 3 / (statistics.median(times_ms) / 1e3)
 
 
 def make_step(preset: str, dtype: str, device: torch.device, sets: tuple[str, ...] = (),

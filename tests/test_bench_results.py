@@ -26,3 +26,13 @@ def test_write_section_creates_file(tmp_path):
 
 def test_machine_facts_are_strings():
     assert cpu_name() and cpu_features() and load_average()
+
+
+def test_time_ms_times_the_call():
+    import time
+
+    from moelab.bench_results import time_ms
+
+    calls = []
+    ms = time_ms(lambda: (calls.append(1), time.sleep(0.02)), "cpu")
+    assert calls == [1] and 15 <= ms < 1000

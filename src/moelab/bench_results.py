@@ -9,7 +9,23 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
+
+
+def time_ms(fn, device=None) -> float:
+    """Wall time of fn() in ms. On a CUDA device the queue is drained before and after, so the
+    time covers the kernels and not only their launches."""
+    cuda = device is not None and getattr(device, "type", str(device)).startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def markers(name: str) -> tuple[str, str]:

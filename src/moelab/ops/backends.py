@@ -55,14 +55,19 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_usable(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on x: CUDA tensors, or CPU ones under Triton's
-    interpreter (TRITON_INTERPRET=1), with the triton package importable."""
+    interpreter, with the triton package importable."""
     if importlib.util.find_spec("triton") is None:
         return False
     if x.device.type == "cuda":
         return True
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return x.device.type == "cpu" and triton_interpreting()
 
 
 def grouped_mm_supported(x: torch.Tensor, w_EIO: torch.Tensor) -> bool:

@@ -16,12 +16,12 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from moelab.bench_results import cpu_features, cpu_name, load_average, write_section
+from moelab.bench_results import (cpu_features, cpu_name, load_average, markers, time_ms,
+                                  write_section)
 from moelab.ops.activations import act_forward
 from moelab.ops.backends import BACKENDS, triton_available
 from moelab.ops.expert_ffn import expert_ffn
@@ -42,19 +42,6 @@ ACTIVATION = "silu"
 
 def _available(backend: str, device: torch.device) -> bool:
     return backend != "triton" or (device.type == "cuda" and triton_available())
-
-
-def _time_ms(fn, device: torch.device) -> float:
-    """Wall time of fn(); on CUDA the queue is drained before and after, so the time covers the
-    kernels and not only their launches."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
 
 
 def _setup(shape: dict, dtype: torch.dtype, n_tokens: int, device: torch.device, seed: int,
@@ -131,7 +118,7 @@ def run_benchmark(shapes=("coarse", "fine"), dtypes=("float32", "bfloat16"),
                 for name in order[rot:] + order[:rot]:
                     step = steps[name]
                     _clear(leaves)
-                    ms = _time_ms(lambda: step(it), dev)
+                    ms = time_ms(lambda: step(it), dev)
                     if it >= warmup:
                         times[name].append(ms)
             dense_ms = statistics.median(times["dense"])
@@ -164,9 +151,9 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
     shapes = "; ".join(f"{n}: d={s['d_model']}, {s['n_experts']} experts of {s['d_expert']}, "
                        f"top-{s['top_k']}" for n, s in SHAPES.items()
                        if any(r["shape"] == n for r in rows))
-    name = section_name(device)
+    start, end = markers(section_name(device))
     return "\n".join([
-        f"<!-- {name}:start -->",
+        start,
         "## MoE layer: routed experts vs same-FLOPs dense FFN"
         + (" (GPU)" if device.startswith("cuda") else ""),
         "",
@@ -183,7 +170,7 @@ def results_section(rows: list[dict], command: str, n_tokens: int, repeats: int,
         "autocast), router weights float32. ratio = dense_ms / moe_ms.",
         "",
         markdown_table(rows),
-        f"<!-- {name}:end -->",
+        end,
     ])
 
 

@@ -24,22 +24,17 @@ kernels, with autograd by `register_autograd`. The kernels also run on CPU tenso
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from moelab.ops.backends import triton_interpreting
 from moelab.ops.layout import reduce_slots
 from moelab.ops.plan import RoutingPlan
 
 BLOCK_N, BLOCK_K = 64, 32  # output and reduction tiles of the forward / dx kernel
 DW_BLOCK_I, DW_BLOCK_O, DW_BLOCK_S = 64, 64, 32  # dW tiles; S is the row loop step
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -124,7 +119,7 @@ def _interpreted_bf16(dtype: torch.dtype) -> bool:
     even. Under it, bf16 tiles are upcast before the dot (exact: bf16 x bf16 products fit in
     float32) and the kernel writes float32 that torch then rounds, so the tests see the GPU's
     arithmetic. On a GPU neither applies."""
-    return interpreting() and dtype == torch.bfloat16
+    return triton_interpreting() and dtype == torch.bfloat16
 
 
 def block_m_for(n_pairs: int, n_experts: int) -> int:
@@ -155,7 +150,7 @@ def routed_mm(x: torch.Tensor, w_EIO: torch.Tensor, rows_S: torch.Tensor,
               block_row0: torch.Tensor, gather: bool, block_m: int) -> torch.Tensor:
     """y (S, O) = x[rows_S] @ W[e] per sorted pair (x already sorted when not `gather`).
     `inverse_TK` (the plan's sorted position of every (token, slot)) is used by the backward."""
-    S, (E, K, N) = rows_S.shape[0], w_EIO.shape
+    S, (K, N) = rows_S.shape[0], w_EIO.shape[1:]
     fix_bf16 = _interpreted_bf16(x.dtype)
     y = x.new_empty(S, N, dtype=torch.float32 if fix_bf16 else x.dtype)
     if S == 0:
@@ -221,5 +216,4 @@ def triton_routed_mm(x: torch.Tensor, w_EIO: torch.Tensor, plan: RoutingPlan,
                      block_row0, gather, block_m)
 
 
-__all__ = ["block_m_for", "block_table", "interpreting", "routed_mm", "routed_mm_dw",
-           "triton_routed_mm"]
+__all__ = ["block_m_for", "block_table", "routed_mm", "routed_mm_dw", "triton_routed_mm"]
