@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-DEMO_TOKENS = 300_000  # training tokens per model: the whole demo takes ~11 min on 2 cores
+DEMO_TOKENS = 300_000  # training tokens per model: the whole demo took 17.4 min on 2 idle cores (README)
 
 
 def _say(msg: str) -> None:
