@@ -22,6 +22,7 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     assert [r["model"] for r in rows] == ["dense-tiny", "sigma-moe-tiny"]
     for r in rows:
         assert int(r["tokens"]) == 8 * 64 * 8 and float(r["val_ppl"]) > 1
+        assert float(r["train_s"]) > 0
     assert rows[0]["dead_experts"] == "" and rows[1]["dead_experts"] != ""
     macs = [float(r["macs_per_token"]) for r in rows]
     assert abs(macs[1] / macs[0] - 1) <= 0.05
@@ -69,3 +70,21 @@ def test_member_names_and_data_identity(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"sha256": {"train": "ab", "val": "cd"}}))
     assert data_identity(tmp_path) == {"sha256": {"train": "ab", "val": "cd"}}
     assert data_identity(tmp_path / "missing") == str((tmp_path / "missing").resolve())
+
+
+def test_training_clock_sums_step_times_and_reads_the_logged_total():
+    import pytest
+
+    from moelab.compare.study import training_clock
+
+    # older lines (no train_wall_s), logged every 10 steps: each step time stands for 10 steps
+    old = [{"step": 0, "val_loss": 9.0, "tokens": 0},
+           {"step": 10, "loss": 5.0, "step_s": 0.5}, {"step": 20, "loss": 4.0, "step_s": 0.7},
+           {"step": 20, "val_loss": 4.5, "tokens": 640}, {"step": 25, "loss": 3.9, "step_s": 0.4}]
+    assert training_clock(old) == pytest.approx({0: 0.0, 10: 5.0, 20: 12.0, 25: 14.0})
+    # a run that logs its running total (resumes included) is read as written
+    new = [{"step": 0, "val_loss": 9.0, "tokens": 0, "train_wall_s": 0.0},
+           {"step": 10, "loss": 5.0, "step_s": 0.5, "train_wall_s": 4.2},
+           {"step": 20, "loss": 4.0, "step_s": 0.7, "train_wall_s": 9.9},
+           {"step": 20, "val_loss": 4.5, "tokens": 640, "train_wall_s": 9.9}]
+    assert training_clock(new) == {0: 0.0, 10: 4.2, 20: 9.9}

@@ -64,6 +64,13 @@ def test_resume_equals_uninterrupted(tiny_data, tiny_cfg, tmp_path, straight_run
     res = train(cfg, tiny_data, run, steps=40, resume=True, progress=False)
     assert res["resumed_from"] == "step-00000020" and res["steps"] == 40
     _assert_same_curve(straight_run, run, metrics_of)
+    # the training-time clock runs on from the checkpoint: steps 21..30 of the first session
+    # were dropped with their lines, so it is the sum of the step times left in the file
+    lines, _ = metrics_of(run)
+    clock = [lines[s]["train_wall_s"] for s in sorted(lines)]
+    assert all(b > a for a, b in zip(clock, clock[1:]))
+    assert clock[-1] == pytest.approx(sum(r["step_s"] for r in lines.values()), rel=1e-9)
+    assert res["train_wall_s"] == pytest.approx(clock[-1], rel=1e-12)
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) >= 2
     assert json.loads((run / "run.json").read_text())["resumes"][0]["from"] == "step-00000020"
 

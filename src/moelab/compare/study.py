@@ -18,7 +18,7 @@ from moelab.errors import ConfigError
 from moelab.flops import count, human
 
 COLUMNS = ["model", "preset", "seed", "params_total", "params_active", "macs_per_token",
-           "tokens", "tokens_per_s", "wall_s", "val_loss", "val_ppl", "cloze_acc",
+           "tokens", "tokens_per_s", "train_s", "val_loss", "val_ppl", "cloze_acc",
            "cloze_acc_norm", "minpairs_acc", "dead_experts", "load_imbalance", "matched"]
 
 
@@ -89,6 +89,10 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     if not rows:
         raise ConfigError(f"compare --report-only: no finished member in {out} for these presets, "
                           "seeds, token count, data and overrides")
+    for r in rows:  # from the metrics, so resumed and older members are timed the same way
+        r["train_s"] = training_seconds(out / r["model"])
+        if r["train_s"]:  # the whole run's rate, not only its last session's
+            r["tokens_per_s"] = r["tokens"] / r["train_s"]
     write_results(rows, out, missing=missing)
     plot_curves(out, [r["model"] for r in rows])
     return rows
@@ -120,7 +124,7 @@ def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_t
     row = {
         "params_total": c["params_total"], "params_active": c["params_active"],
         "macs_per_token": macs_per_token(cfg.model, cfg.train.seq_len), "tokens": summary["tokens"],
-        "tokens_per_s": summary["tokens_per_s"], "wall_s": summary["wall_s"],
+        "tokens_per_s": summary["tokens_per_s"],
         "val_loss": math.log(ev["perplexity"]), "val_ppl": ev["perplexity"],
         "cloze_acc": zs.get("cloze", {}).get("acc"),
         "cloze_acc_norm": zs.get("cloze", {}).get("acc_norm"),
@@ -173,14 +177,14 @@ def write_results(rows: list[dict], out: Path, missing: list[str] = ()) -> str:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    lines = ["| model | params | active | MACs/token (deployed) | tokens | tokens/s | wall s | val ppl | "
+    lines = ["| model | params | active | MACs/token (deployed) | tokens | tokens/s | train s | val ppl | "
              "cloze acc | minpairs acc | dead experts | load max/mean |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["val_ppl"]):
         lines.append(
             f"| {r['model']} | {_fmt(r['params_total'], 'h')} | {_fmt(r['params_active'], 'h')} | "
             f"{_fmt(r['macs_per_token'], 'h')} | {_fmt(r['tokens'], 'h')} | "
-            f"{_fmt(r['tokens_per_s'], 'i')} | {_fmt(r['wall_s'], 'i')} | {_fmt(r['val_ppl'], 'f2')} | "
+            f"{_fmt(r['tokens_per_s'], 'i')} | {_fmt(r.get('train_s'), 'i')} | {_fmt(r['val_ppl'], 'f2')} | "
             f"{_fmt(r['cloze_acc'], 'f3')} | {_fmt(r['minpairs_acc'], 'f3')} | "
             f"{_fmt(r['dead_experts'], 'i')} | {_fmt(r['load_imbalance'], 'f2')} |")
     changes = [r["matched"] for r in rows if r.get("matched")]
@@ -200,14 +204,41 @@ def write_results(rows: list[dict], out: Path, missing: list[str] = ()) -> str:
     if missing:
         lines += ["", "Not finished, so not in this table: " + ", ".join(missing) + "."]
     lines += ["", "MACs/token are forward MACs of the model as deployed (MoLE after conversion to "
-              "lookup tables); dead experts and load max/mean are measured on validation batches."]
+              "lookup tables); train s is the time spent in training steps, summed over resumes; dead experts "
+              "and load max/mean are measured on validation batches."]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
 
 
+def training_clock(recs: list[dict]) -> dict[int, float]:
+    """Seconds spent in training steps up to each logged step (validation and checkpoints not
+    counted). Runs log the running total as `train_wall_s`; for lines written before that field
+    existed, each logged step's time stands for every step since the previous logged one (with
+    log_every > 1 only every n-th step's time is in the file)."""
+    clock, elapsed, prev = {0: 0.0}, 0.0, 0
+    for r in recs:
+        if "train_wall_s" in r:
+            elapsed = r["train_wall_s"]
+        elif "step_s" in r:
+            elapsed += r["step_s"] * (r["step"] - prev)
+        if "step_s" in r:
+            prev = r["step"]
+        clock[r["step"]] = elapsed
+    return clock
+
+
+def training_seconds(run_dir: Path) -> float | None:
+    """Training-step time of a whole run, over all its sessions; None without metrics."""
+    from moelab.train.metrics import read_metrics
+
+    recs = read_metrics(run_dir)
+    return max(training_clock(recs).values()) if recs else None
+
+
 def plot_curves(out: Path, names: list[str]) -> None:
-    """Validation loss against training tokens and against training wall time, all models."""
+    """Validation loss against training tokens and against training time, all models. The y axis
+    spans the losses after step 0, so the untrained point sits above the frame."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,22 +248,23 @@ def plot_curves(out: Path, names: list[str]) -> None:
 
     fig_t, ax_t = plt.subplots(figsize=(7, 4.5))
     fig_w, ax_w = plt.subplots(figsize=(7, 4.5))
+    trained = []  # losses after step 0: the untrained ~log(vocab) would flatten every curve
     for name in names:
         recs = read_metrics(out / name)
-        elapsed, t_of_step = 0.0, {0: 0.0}
-        for r in recs:
-            if "step_s" in r:
-                elapsed += r["step_s"]
-                t_of_step[r["step"]] = elapsed
-        val = [(r["tokens"], t_of_step.get(r["step"], elapsed), r["val_loss"])
-               for r in recs if "val_loss" in r]
+        clock = training_clock(recs)
+        val = [(r["tokens"], clock[r["step"]], r["val_loss"]) for r in recs if "val_loss" in r]
         if not val:
             continue
         tok, wall, loss = zip(*val)
+        trained += [v for t, v in zip(tok, loss) if t > 0]
         ax_t.plot([t / 1e6 for t in tok], loss, marker="o", ms=3, label=name)
         ax_w.plot(wall, loss, marker="o", ms=3, label=name)
     for ax, fig, xlabel, fname in ((ax_t, fig_t, "training tokens (millions)", "val_loss_vs_tokens.png"),
-                                   (ax_w, fig_w, "training wall time (s)", "val_loss_vs_time.png")):
+                                   (ax_w, fig_w, "training time (s, steps only)", "val_loss_vs_time.png")):
+        if trained:
+            lo, hi = min(trained), max(trained)
+            pad = 0.05 * (hi - lo) or 0.05
+            ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title("Validation loss, same data and token order")

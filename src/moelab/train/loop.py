@@ -201,6 +201,7 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
         best = state["best_val_loss"]
         state["best_val_loss"] = res["val_loss"] if best is None else min(best, res["val_loss"])
         logger.log({"step": step, "val_loss": res["val_loss"], "tokens": state["tokens"],
+                    "train_wall_s": state["train_wall_s"],
                     **{k: v for k, v in res.items() if k != "val_loss"}})
         bar.val = res["val_loss"]
 
@@ -239,8 +240,11 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
             session_tokens += tokens_per_step
             session_train_s += dt
             if step % max(1, tc.log_every) == 0 or step == end:
+                # train_wall_s sums every step's time over all sessions of the run (resumes
+                # included), so time curves stay right however sparsely steps are logged.
                 logger.log({"step": step, **stats, "lr": lr, "tokens": state["tokens"],
-                            "tokens_per_s": tokens_per_step / dt, "step_s": dt})
+                            "tokens_per_s": tokens_per_step / dt, "step_s": dt,
+                            "train_wall_s": state["train_wall_s"]})
             bar.update(1, stats["loss"], lr, tokens_per_step / dt)
             if (tc.eval_every and step % tc.eval_every == 0) or step == n_total:
                 validate(step)
@@ -257,6 +261,7 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
         "tokens": state["tokens"],
         "tokens_per_s": session_tokens / session_train_s if session_train_s else 0.0,
         "wall_s": time.perf_counter() - wall_start,
+        "train_wall_s": state["train_wall_s"],
         "final_loss": state["train_loss"],
         "val_loss": state["val_loss"],
         "best_val_loss": state["best_val_loss"],
