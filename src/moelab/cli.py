@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-limit", type=int, default=200, help="items per zero-shot task")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the table, CSV and curves of the finished models")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="members trained at once in worker processes, CPU threads split "
+                        "between them (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -157,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--presets", default=None, help="comma-separated presets (default: every *-tiny)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens per model")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="models trained at once (default: 2 when there are 2+ CPU threads)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap
@@ -428,7 +433,7 @@ def cmd_compare(args) -> int:
     run_compare(presets, args.data, args.tokens, args.out, match_ref=args.match_macs,
                 seeds=seeds, sets=tuple(args.sets), tasks=tuple(_names(args.tasks)),
                 task_limit=args.task_limit, progress=not args.no_progress,
-                report_only=args.report_only)
+                report_only=args.report_only, jobs=args.jobs)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
@@ -448,7 +453,7 @@ def cmd_bench_mole_decode(args) -> int:
 def cmd_demo(args) -> int:
     from moelab.demo import run_demo
 
-    return run_demo(out=args.out, presets=args.presets, tokens=args.tokens,
+    return run_demo(out=args.out, presets=args.presets, tokens=args.tokens, jobs=args.jobs,
                     progress=not args.no_progress) or 0
 
 

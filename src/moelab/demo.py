@@ -18,7 +18,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(out: str = "runs/demo", presets: str | None = None, tokens: int | None = None,
-             progress: bool = True) -> int:
+             progress: bool = True, jobs: int | None = None) -> int:
     import torch
 
     from moelab.compare.study import run_compare, tiny_presets
@@ -34,9 +34,12 @@ def run_demo(out: str = "runs/demo", presets: str | None = None, tokens: int | N
         _say(f"preparing the bundled corpus into {data_dir} (byte-level BPE, 8192 tokens)")
         prepare_data(corpus="default", tokenizer="bpe:8192", out=data_dir, progress=progress)
     n_tokens = tokens or DEMO_TOKENS
+    # two one-thread models at once beat one two-thread model at a time (tiny matmuls scale
+    # poorly across threads), so on 2+ threads the demo trains two members side by side
+    jobs = jobs if jobs is not None else (2 if torch.get_num_threads() >= 2 else 1)
     _say(f"comparing {len(names)} models on {n_tokens:,} training tokens each: {', '.join(names)}")
     rows = run_compare(names, data_dir, n_tokens, out_dir / "compare", match_ref="dense-tiny",
-                       progress=progress)
+                       progress=progress, jobs=jobs)
     best = min(rows, key=lambda r: r["val_ppl"])
     model, _, _ = load_model(out_dir / "compare" / best["model"])
     tok = load_tokenizer(data_dir / "tokenizer.json")

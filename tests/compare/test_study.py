@@ -1,6 +1,8 @@
 import csv
 import json
 
+import pytest
+
 from moelab.cli import main
 
 
@@ -28,6 +30,16 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     assert abs(macs[1] / macs[0] - 1) <= 0.05
     for png in ("val_loss_vs_tokens.png", "val_loss_vs_time.png"):
         assert (out / png).stat().st_size > 5000
+    # two members at once in worker processes: the same members, the same results
+    par = argv + ["--jobs", "2"]
+    par[par.index("--out") + 1] = str(tmp_path / "cmp-par")
+    capsys.readouterr()
+    assert main(par) == 0
+    assert "training 2 members at once" in capsys.readouterr().out
+    par_rows = list(csv.DictReader(open(tmp_path / "cmp-par" / "results.csv")))
+    assert [r["model"] for r in par_rows] == [r["model"] for r in rows]
+    for a, b in zip(rows, par_rows):
+        assert float(b["val_ppl"]) == pytest.approx(float(a["val_ppl"]), rel=1e-4)
     # a second run skips both finished models (their checkpoints are not touched)
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/model.safetensors")}
     capsys.readouterr()
@@ -73,8 +85,6 @@ def test_member_names_and_data_identity(tmp_path):
 
 
 def test_training_clock_sums_step_times_and_reads_the_logged_total():
-    import pytest
-
     from moelab.compare.study import training_clock
 
     # older lines (no train_wall_s), logged every 10 steps: each step time stands for 10 steps
@@ -88,3 +98,10 @@ def test_training_clock_sums_step_times_and_reads_the_logged_total():
            {"step": 20, "loss": 4.0, "step_s": 0.7, "train_wall_s": 9.9},
            {"step": 20, "val_loss": 4.5, "tokens": 640, "train_wall_s": 9.9}]
     assert training_clock(new) == {0: 0.0, 10: 4.2, 20: 9.9}
+
+
+def test_jobs_must_be_positive(tmp_path, tiny_data, capsys):
+    argv = ["compare", "--presets", "dense-tiny", "--data", str(tiny_data), "--tokens", "512",
+            "--out", str(tmp_path / "cmp"), "--jobs", "0", "--no-progress"]
+    assert main(argv) == 2
+    assert "jobs=0" in capsys.readouterr().err

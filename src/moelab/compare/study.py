@@ -9,11 +9,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 from moelab.compare.matching import macs_per_token, match_macs
 from moelab.compare.summary import missing_orderings, ordering_table, seed_table
-from moelab.config import load_preset, preset_names
+from moelab.config import Config, load_preset, preset_names
 from moelab.errors import ConfigError
 from moelab.flops import count, human
 
@@ -34,17 +38,19 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
                 match_ref: str | None = None, seeds: tuple[int, ...] = (0,),
                 sets: tuple[str, ...] = (), tasks: tuple[str, ...] = ("cloze", "minpairs"),
                 task_limit: int | None = 200, eval_tokens: int | None = 60_000,
-                progress: bool = True, report_only: bool = False) -> list[dict]:
+                progress: bool = True, report_only: bool = False, jobs: int = 1) -> list[dict]:
     """Train and evaluate every (preset, seed) not finished yet, then write the study's table,
     CSV and curves over all of them. With `report_only`, train nothing: the report covers the
-    finished members and names the others (a long study can be reported while it accumulates)."""
+    finished members and names the others (a long study can be reported while it accumulates).
+    With `jobs` > 1, that many members train at once in worker processes, splitting the CPU
+    threads between them (tiny models gain little from a second thread, so two one-thread
+    members finish about twice as fast as two two-thread members in turn)."""
     from tqdm.auto import tqdm
-
-    from moelab.train.checkpoint import list_checkpoints
-    from moelab.train.loop import train
 
     if not presets:
         raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
+    if jobs < 1:
+        raise ConfigError(f"compare: jobs={jobs}: expected a positive number of members at once")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref_macs = None
@@ -54,12 +60,9 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         _say(f"matching forward MACs/token to {match_ref}: {human(ref_macs)}")
     # Seed-major: an interrupted multi-seed study has every model at the first seed before any
     # model at the second.
-    jobs = [(p, s) for s in seeds for p in presets]
-    rows, missing = [], []
-    bar = tqdm(jobs, desc="compare", unit="model", disable=not progress, position=0)
-    for preset, seed in bar:
+    rows, missing, todo = {}, [], []
+    for preset, seed in [(p, s) for s in seeds for p in presets]:
         name = member_name(preset, seed)
-        bar.set_postfix_str(name)
         cfg = load_preset(preset).with_overrides([*sets, f"train.seed={seed}"])
         matched = ""
         if ref_macs is not None:
@@ -67,25 +70,39 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
             cfg, matched = res.config, res.describe()
             _say(matched)
         steps = max(1, math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len)))
-        run_dir = out / name
         key = {"steps": steps, "config": cfg.to_dict()["model"], "seed": seed,
                "data": data_identity(data_dir)}
-        done = run_dir / "compare.json"
+        done = out / name / "compare.json"
         if done.is_file() and json.loads(done.read_text()).get("key") == key:
             _say(f"{name}: finished earlier, skipping")
-            rows.append(json.loads(done.read_text())["row"])
-            continue
-        if report_only:
+            rows[name] = json.loads(done.read_text())["row"]
+        elif report_only:
             _say(f"{name}: not finished, left out of the report")
             missing.append(name)
-            continue
-        _say(f"{name}: {steps} steps of {cfg.train.batch_size} x {cfg.train.seq_len} tokens")
-        summary = train(cfg, data_dir=data_dir, out_dir=run_dir, steps=steps,
-                        resume=bool(list_checkpoints(run_dir)), progress=progress, device="cpu")
-        row = evaluate_member(run_dir, cfg, summary, tasks, task_limit, eval_tokens)
-        row.update(model=name, preset=preset, seed=seed, matched=matched)
-        done.write_text(json.dumps({"key": key, "row": row}, indent=2))
-        rows.append(row)
+        else:
+            todo.append(Member(name, preset, seed, cfg, matched, key, steps))
+            rows[name] = None  # keeps the study's order
+    bar = tqdm(total=len(todo), desc="compare", unit="model", disable=not progress, position=0)
+    member_args = (data_dir, out, tasks, task_limit, eval_tokens)
+    if jobs == 1 or len(todo) < 2:
+        for m in todo:
+            bar.set_postfix_str(m.name)
+            rows[m.name] = train_member(m, *member_args, progress=progress)
+            bar.update(1)
+    else:
+        threads = max(1, _cpu_threads() // jobs)
+        _say(f"training {min(jobs, len(todo))} members at once, {threads} thread(s) each")
+        ctx = multiprocessing.get_context("spawn")  # no forked OpenMP/torch state in workers
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_threads,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(train_member, m, *member_args, progress=False): m
+                       for m in todo}
+            for f in as_completed(futures):
+                rows[futures[f].name] = f.result()
+                bar.set_postfix_str(futures[f].name)
+                bar.update(1)
+    bar.close()
+    rows = [r for r in rows.values() if r is not None]
     if not rows:
         raise ConfigError(f"compare --report-only: no finished member in {out} for these presets, "
                           "seeds, token count, data and overrides")
@@ -96,6 +113,50 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     write_results(rows, out, missing=missing)
     plot_curves(out, [r["model"] for r in rows])
     return rows
+
+
+@dataclass(frozen=True)
+class Member:
+    """One (preset, seed) of a study, configured (and MAC-matched) but not yet trained."""
+    name: str
+    preset: str
+    seed: int
+    cfg: Config
+    matched: str
+    key: dict
+    steps: int
+
+
+def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
+                 progress: bool) -> dict:
+    """Train (or resume) one member, evaluate it and write its compare.json; returns its row.
+    Runs in the caller's process or in a worker, so it takes and returns only plain data."""
+    from moelab.train.checkpoint import list_checkpoints
+    from moelab.train.loop import train
+
+    run_dir = out / m.name
+    _say(f"{m.name}: {m.steps} steps of {m.cfg.train.batch_size} x {m.cfg.train.seq_len} tokens")
+    summary = train(m.cfg, data_dir=data_dir, out_dir=run_dir, steps=m.steps,
+                    resume=bool(list_checkpoints(run_dir)), progress=progress, device="cpu")
+    row = evaluate_member(run_dir, m.cfg, summary, tasks, task_limit, eval_tokens)
+    row.update(model=m.name, preset=m.preset, seed=m.seed, matched=m.matched)
+    tmp = run_dir / "compare.json.tmp"  # written whole, then renamed: never a torn marker
+    tmp.write_text(json.dumps({"key": m.key, "row": row}, indent=2))
+    os.replace(tmp, run_dir / "compare.json")
+    _say(f"{m.name}: finished, val ppl {row['val_ppl']:.2f}")
+    return row
+
+
+def _cpu_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _worker_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def member_name(preset: str, seed: int) -> str:
