@@ -47,6 +47,18 @@ def _work(plan: RoutingPlan, x: torch.Tensor, scatter: bool):
     return lay, run
 
 
+def _expert_rows(x, src, rows, lay, x_CI, o, n, so, sn):
+    """One expert's input rows: gathered from x by token index (scatter + gather), copied into
+    a zero-padded bucket (bucketed layout), or a slice of the pair-sorted rows."""
+    if rows is not None:
+        return torch.index_select(x, 0, rows[o:o + n], out=x_CI[:n])
+    if lay is not None:
+        x_nI = x_CI[:n]
+        x_nI[:sn].copy_(src[so:so + sn])
+        return x_nI
+    return src[so:so + sn]
+
+
 class LoopRoutedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_EIO, plan: RoutingPlan, gather: bool, scatter: bool):
@@ -62,13 +74,7 @@ class LoopRoutedMM(torch.autograd.Function):
             x_CI = x.new_zeros(C, I) if scatter or lay is not None else None
             y_CO = x.new_empty(C, O) if lay is not None else None
             for e, o, n, so, sn in todo:
-                if rows is not None:
-                    x_nI = torch.index_select(x, 0, rows[o:o + n], out=x_CI[:n])
-                elif lay is not None:
-                    x_nI = x_CI[:n]
-                    x_nI[:sn].copy_(src[so:so + sn])
-                else:
-                    x_nI = src[so:so + sn]
+                x_nI = _expert_rows(x, src, rows, lay, x_CI, o, n, so, sn)
                 if y_CO is None:
                     torch.mm(x_nI, w_EIO[e], out=y_SO[so:so + sn])
                 else:
@@ -112,13 +118,7 @@ class LoopRoutedMM(torch.autograd.Function):
                 else:
                     g_nO = g_SO[so:so + sn]
                 if dw is not None:
-                    if rows is not None:
-                        x_nI = torch.index_select(x, 0, rows[o:o + n], out=x_CI[:n])
-                    elif lay is not None:
-                        x_nI = x_CI[:n]
-                        x_nI[:sn].copy_(src[so:so + sn])
-                    else:
-                        x_nI = src[so:so + sn]
+                    x_nI = _expert_rows(x, src, rows, lay, x_CI, o, n, so, sn)
                     torch.mm(x_nI.t(), g_nO, out=dw[e])
                 if dx is not None:
                     if dx_CI is None:
