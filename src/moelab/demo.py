@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-DEMO_TOKENS = 300_000  # training tokens per model: the whole demo took 17.4 min on 2 idle cores (README)
+DEMO_TOKENS = 300_000  # training tokens per model: the whole demo took 15.0 min on 2 idle cores (README)
 
 
 def _say(msg: str) -> None:
@@ -34,8 +34,8 @@ def run_demo(out: str = "runs/demo", presets: str | None = None, tokens: int | N
         _say(f"preparing the bundled corpus into {data_dir} (byte-level BPE, 8192 tokens)")
         prepare_data(corpus="default", tokenizer="bpe:8192", out=data_dir, progress=progress)
     n_tokens = tokens or DEMO_TOKENS
-    # two one-thread models at once beat one two-thread model at a time (tiny matmuls scale
-    # poorly across threads), so on 2+ threads the demo trains two members side by side
+    # two one-thread models at once: 899 s against 1,041 s for one two-thread model at a time
+    # on 2 cores (README), as evaluation and the serial parts of each step overlap
     jobs = jobs if jobs is not None else (2 if torch.get_num_threads() >= 2 else 1)
     _say(f"comparing {len(names)} models on {n_tokens:,} training tokens each: {', '.join(names)}")
     rows = run_compare(names, data_dir, n_tokens, out_dir / "compare", match_ref="dense-tiny",
