@@ -105,3 +105,11 @@ def test_jobs_must_be_positive(tmp_path, tiny_data, capsys):
             "--out", str(tmp_path / "cmp"), "--jobs", "0", "--no-progress"]
     assert main(argv) == 2
     assert "jobs=0" in capsys.readouterr().err
+
+
+def test_a_member_failing_in_a_worker_is_a_clean_error(tmp_path, capsys):
+    argv = ["compare", "--presets", "dense-tiny,moe-tiny", "--data", str(tmp_path / "no-data"),
+            "--tokens", "512", "--out", str(tmp_path / "cmp"), "--jobs", "2", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no-data does not exist" in err and "Traceback" not in err

@@ -97,10 +97,17 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
                                  initargs=(threads,)) as pool:
             futures = {pool.submit(train_member, m, *member_args, progress=False): m
                        for m in todo}
-            for f in as_completed(futures):
-                rows[futures[f].name] = f.result()
-                bar.set_postfix_str(futures[f].name)
-                bar.update(1)
+            try:
+                for f in as_completed(futures):
+                    rows[futures[f].name] = f.result()
+                    bar.set_postfix_str(futures[f].name)
+                    bar.update(1)
+            except BaseException:
+                # a failed member stops the study: members not started are dropped, running
+                # ones finish (their checkpoints and compare.json stay valid for a re-run)
+                for f in futures:
+                    f.cancel()
+                raise
     bar.close()
     rows = [r for r in rows.values() if r is not None]
     if not rows:
