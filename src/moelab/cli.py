@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="members trained at once in worker processes, CPU threads split "
                         "between them (default 1)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda: where members train and are evaluated")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -433,7 +435,7 @@ def cmd_compare(args) -> int:
     run_compare(presets, args.data, args.tokens, args.out, match_ref=args.match_macs,
                 seeds=seeds, sets=tuple(args.sets), tasks=tuple(_names(args.tasks)),
                 task_limit=args.task_limit, progress=not args.no_progress,
-                report_only=args.report_only, jobs=args.jobs)
+                report_only=args.report_only, jobs=args.jobs, device=args.device)
     print((Path(args.out) / "results.md").read_text())
     return 0
 

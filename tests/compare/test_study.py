@@ -100,11 +100,14 @@ def test_training_clock_sums_step_times_and_reads_the_logged_total():
     assert training_clock(new) == {0: 0.0, 10: 4.2, 20: 9.9}
 
 
-def test_jobs_must_be_positive(tmp_path, tiny_data, capsys):
+@pytest.mark.parametrize("bad, message", [(["--jobs", "0"], "jobs=0"),
+                                          (["--device", "tpu"], "--device 'tpu'")])
+def test_bad_jobs_or_device_is_a_clear_error(tmp_path, tiny_data, capsys, bad, message):
     argv = ["compare", "--presets", "dense-tiny", "--data", str(tiny_data), "--tokens", "512",
-            "--out", str(tmp_path / "cmp"), "--jobs", "0", "--no-progress"]
+            "--out", str(tmp_path / "cmp"), "--no-progress", *bad]
     assert main(argv) == 2
-    assert "jobs=0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cmp" / "dense-tiny").exists()  # nothing trained
 
 
 def test_a_member_failing_in_a_worker_is_a_clean_error(tmp_path, capsys):

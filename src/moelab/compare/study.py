@@ -38,7 +38,8 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
                 match_ref: str | None = None, seeds: tuple[int, ...] = (0,),
                 sets: tuple[str, ...] = (), tasks: tuple[str, ...] = ("cloze", "minpairs"),
                 task_limit: int | None = 200, eval_tokens: int | None = 60_000,
-                progress: bool = True, report_only: bool = False, jobs: int = 1) -> list[dict]:
+                progress: bool = True, report_only: bool = False, jobs: int = 1,
+                device: str = "auto") -> list[dict]:
     """Train and evaluate every (preset, seed) not finished yet, then write the study's table,
     CSV and curves over all of them. With `report_only`, train nothing: the report covers the
     finished members and names the others (a long study can be reported while it accumulates).
@@ -47,10 +48,13 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     members finish about twice as fast as two two-thread members in turn)."""
     from tqdm.auto import tqdm
 
+    from moelab.train.loop import resolve_device
+
     if not presets:
         raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
     if jobs < 1:
         raise ConfigError(f"compare: jobs={jobs}: expected a positive number of members at once")
+    device = str(resolve_device(device))  # a bad --device fails before anything trains
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref_macs = None
@@ -83,7 +87,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
             todo.append(Member(name, preset, seed, cfg, matched, key, steps))
             rows[name] = None  # keeps the study's order
     bar = tqdm(total=len(todo), desc="compare", unit="model", disable=not progress, position=0)
-    member_args = (data_dir, out, tasks, task_limit, eval_tokens)
+    member_args = (data_dir, out, tasks, task_limit, eval_tokens, device)
     if jobs == 1 or len(todo) < 2:
         for m in todo:
             bar.set_postfix_str(m.name)
@@ -134,7 +138,7 @@ class Member:
     steps: int
 
 
-def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
+def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens, device: str,
                  progress: bool) -> dict:
     """Train (or resume) one member, evaluate it and write its compare.json; returns its row.
     Runs in the caller's process or in a worker, so it takes and returns only plain data."""
@@ -144,8 +148,8 @@ def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
     run_dir = out / m.name
     _say(f"{m.name}: {m.steps} steps of {m.cfg.train.batch_size} x {m.cfg.train.seq_len} tokens")
     summary = train(m.cfg, data_dir=data_dir, out_dir=run_dir, steps=m.steps,
-                    resume=bool(list_checkpoints(run_dir)), progress=progress, device="cpu")
-    row = evaluate_member(run_dir, m.cfg, summary, tasks, task_limit, eval_tokens)
+                    resume=bool(list_checkpoints(run_dir)), progress=progress, device=device)
+    row = evaluate_member(run_dir, m.cfg, summary, tasks, task_limit, eval_tokens, device)
     row.update(model=m.name, preset=m.preset, seed=m.seed, matched=m.matched)
     tmp = run_dir / "compare.json.tmp"  # written whole, then renamed: never a torn marker
     tmp.write_text(json.dumps({"key": m.key, "row": row}, indent=2))
@@ -182,12 +186,13 @@ def data_identity(data_dir: str | Path) -> dict | str:
         return str(Path(data_dir).resolve())
 
 
-def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_tokens) -> dict:
+def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_tokens,
+                    device: str = "cpu") -> dict:
     from moelab.eval.perplexity import evaluate_run
     from moelab.eval.zeroshot import run_tasks
 
-    ev = evaluate_run(run_dir, split="val", device="cpu", max_tokens=eval_tokens)
-    zs = run_tasks(run_dir, list(tasks), limit=task_limit, device="cpu") if tasks else {}
+    ev = evaluate_run(run_dir, split="val", device=device, max_tokens=eval_tokens)
+    zs = run_tasks(run_dir, list(tasks), limit=task_limit, device=device) if tasks else {}
     c = count(cfg.model, seq_len=cfg.train.seq_len)
     row = {
         "params_total": c["params_total"], "params_active": c["params_active"],
@@ -198,11 +203,11 @@ def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_t
         "cloze_acc_norm": zs.get("cloze", {}).get("acc_norm"),
         "minpairs_acc": zs.get("minpairs", {}).get("acc"),
     }
-    row.update(routing_stats(run_dir))
+    row.update(routing_stats(run_dir, device=device))
     return row
 
 
-def routing_stats(run_dir: Path, n_batches: int = 4) -> dict:
+def routing_stats(run_dir: Path, n_batches: int = 4, device: str = "cpu") -> dict:
     """Dead experts and load imbalance of the final model on validation batches.
 
     Loads are averaged over the batches per router; a dead expert received no routed pair in any
@@ -214,14 +219,14 @@ def routing_stats(run_dir: Path, n_batches: int = 4) -> dict:
     from moelab.train.checkpoint import load_model
     from moelab.train.rundir import read_run_info
 
-    model, cfg, _ = load_model(run_dir)
+    model, cfg, _ = load_model(run_dir, device=device)
     data_dir = read_run_info(run_dir).get("data_dir") or cfg.data.dir
     loader = TokenLoader(data_dir, "val", 8, cfg.train.seq_len, seed=0)
     loads: dict[str, list] = {}
     model.eval()
     with torch.no_grad():
         for x_BT, _ in loader.eval_batches(n_batches):
-            for k, v in model(x_BT).metrics.items():
+            for k, v in model(x_BT.to(device)).metrics.items():
                 if k.endswith(".load"):
                     loads.setdefault(k, []).append(v.float())
     if not loads:
