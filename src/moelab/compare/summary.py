@@ -33,6 +33,10 @@ ORDERINGS = (
     Ordering("umoe-att", "<=", "moe", "UMoE (MAC-matched): attention experts vs FFN experts"),
     Ordering("umoe", "<", "moe", "UMoE (MAC-matched): UMoE beats FFN-MoE"),
     Ordering("umoe", "<", "dense", "UMoE (MAC-matched): UMoE beats dense"),
+    Ordering("umoe-att", "<", "moa", "UMoE Table 1 (parameter-matched): pre-mixing attention "
+             "experts beat MoA"),
+    Ordering("umoe-att", "<", "switchhead", "UMoE Table 1 (parameter-matched): pre-mixing "
+             "attention experts beat SwitchHead"),
     Ordering("moe", "<", "dense", "UMoE / MoLE: FFN-MoE beats dense at equal active compute"),
     Ordering("gated", "<", "dense", "Gated attention: the output gate lowers perplexity"),
     Ordering("moeut", "<=", "dense", "MoEUT: matches or beats dense with fewer MACs"),
