@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,13 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     CSV and curves over all of them. With `report_only`, train nothing: the report covers the
     finished members and names the others (a long study can be reported while it accumulates).
     With `jobs` > 1, that many members train at once in worker processes, splitting the CPU
-    threads between them (tiny models gain little from a second thread, so two one-thread
-    members finish about twice as fast as two two-thread members in turn)."""
+    threads between them; evaluation and each step's serial parts then overlap (docs/compare.md
+    gives the measured gain)."""
+    import torch
     from tqdm.auto import tqdm
 
     from moelab.train.loop import resolve_device
+    from moelab.train.metrics import read_metrics
 
     if not presets:
         raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
@@ -94,7 +95,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
             rows[m.name] = train_member(m, *member_args, progress=progress)
             bar.update(1)
     else:
-        threads = max(1, _cpu_threads() // jobs)
+        threads = max(1, torch.get_num_threads() // jobs)
         _say(f"training {min(jobs, len(todo))} members at once, {threads} thread(s) each")
         ctx = multiprocessing.get_context("spawn")  # no forked OpenMP/torch state in workers
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_threads,
@@ -117,12 +118,14 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     if not rows:
         raise ConfigError(f"compare --report-only: no finished member in {out} for these presets, "
                           "seeds, token count, data and overrides")
+    metrics = {r["model"]: read_metrics(out / r["model"]) for r in rows}
     for r in rows:  # from the metrics, so resumed and older members are timed the same way
-        r["train_s"] = training_seconds(out / r["model"])
+        recs = metrics[r["model"]]
+        r["train_s"] = max(training_clock(recs).values()) if recs else None
         if r["train_s"]:  # the whole run's rate, not only its last session's
             r["tokens_per_s"] = r["tokens"] / r["train_s"]
     write_results(rows, out, missing=missing)
-    plot_curves(out, [r["model"] for r in rows])
+    plot_curves(out, metrics)
     return rows
 
 
@@ -144,6 +147,7 @@ def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
     Runs in the caller's process or in a worker, so it takes and returns only plain data."""
     from moelab.train.checkpoint import list_checkpoints
     from moelab.train.loop import train
+    from moelab.train.rundir import write_json_atomic
 
     run_dir = out / m.name
     _say(f"{m.name}: {m.steps} steps of {m.cfg.train.batch_size} x {m.cfg.train.seq_len} tokens")
@@ -151,17 +155,9 @@ def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
                     resume=bool(list_checkpoints(run_dir)), progress=progress, device=device)
     row = evaluate_member(run_dir, m.cfg, summary, tasks, task_limit, eval_tokens, device)
     row.update(model=m.name, preset=m.preset, seed=m.seed, matched=m.matched)
-    tmp = run_dir / "compare.json.tmp"  # written whole, then renamed: never a torn marker
-    tmp.write_text(json.dumps({"key": m.key, "row": row}, indent=2))
-    os.replace(tmp, run_dir / "compare.json")
+    write_json_atomic(run_dir / "compare.json", {"key": m.key, "row": row})  # never torn
     _say(f"{m.name}: finished, val ppl {row['val_ppl']:.2f}")
     return row
-
-
-def _cpu_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _worker_threads(n: int) -> None:
@@ -301,15 +297,7 @@ def training_clock(recs: list[dict]) -> dict[int, float]:
     return clock
 
 
-def training_seconds(run_dir: Path) -> float | None:
-    """Training-step time of a whole run, over all its sessions; None without metrics."""
-    from moelab.train.metrics import read_metrics
-
-    recs = read_metrics(run_dir)
-    return max(training_clock(recs).values()) if recs else None
-
-
-def plot_curves(out: Path, names: list[str]) -> None:
+def plot_curves(out: Path, metrics: dict[str, list[dict]]) -> None:
     """Validation loss against training tokens and against training time, all models. The y axis
     spans the losses after step 0, so the untrained point sits above the frame."""
     import matplotlib
@@ -317,13 +305,10 @@ def plot_curves(out: Path, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moelab.train.metrics import read_metrics
-
     fig_t, ax_t = plt.subplots(figsize=(7, 4.5))
     fig_w, ax_w = plt.subplots(figsize=(7, 4.5))
     trained = []  # losses after step 0: the untrained ~log(vocab) would flatten every curve
-    for name in names:
-        recs = read_metrics(out / name)
+    for name, recs in metrics.items():
         clock = training_clock(recs)
         val = [(r["tokens"], clock[r["step"]], r["val_loss"]) for r in recs if "val_loss" in r]
         if not val:
