@@ -120,6 +120,16 @@ def test_eval_json_keeps_every_split(run):
     assert saved["tokens"] == test["tokens"] == sum(len(d) for d in TEST_DOCS)
 
 
+def test_eval_json_keeps_other_commands_results_and_rebuilds_damage(run):
+    (run / "eval.json").write_text('{"tasks": {"cloze": {"acc": 0.5}}}')
+    evaluate_run(run, split="val")
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["tasks"] == {"cloze": {"acc": 0.5}} and saved["split"] == "val"
+    (run / "eval.json").write_text('{"val": ')  # torn by hand: only a cache, so rebuilt
+    res = evaluate_run(run, split="val")
+    assert json.loads((run / "eval.json").read_text())["perplexity"] == res["perplexity"]
+
+
 def test_max_tokens_limits_the_count(run):
     assert evaluate_run(run, max_tokens=7)["tokens"] == 7
 

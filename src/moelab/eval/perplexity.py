@@ -16,9 +16,7 @@ through its lookup model, and keeps its own eval.json.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,9 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from moelab.errors import DataError
-
-EVAL_FILE = "eval.json"
-
 
 def document_windows(docs: list[np.ndarray], eos_id: int, seq_len: int,
                      max_tokens: Optional[int] = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -181,14 +176,11 @@ def _check_tokenizer(info: dict, meta: dict, data_dir: Path, run_dir: Path) -> N
 
 
 def _write_eval_json(run_dir: Path, split: str, res: dict) -> None:
-    path = run_dir / EVAL_FILE
-    try:
-        existing = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        existing = {}  # a damaged eval.json is only a cache of results: rebuild it
-    existing[split] = res
-    existing.update({"split": split, "perplexity": res["perplexity"],
-                     "doc_perplexity": res["doc_perplexity"], "tokens": res["tokens"]})
-    tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(existing, indent=2) + "\n")
-    os.replace(tmp, path)
+    """eval.json[split] = res; the top-level keys repeat the split evaluated last."""
+    from moelab.eval.results import read_eval_json, write_eval_json
+
+    data = read_eval_json(run_dir)
+    data[split] = res
+    data.update({"split": split, "perplexity": res["perplexity"],
+                 "doc_perplexity": res["doc_perplexity"], "tokens": res["tokens"]})
+    write_eval_json(run_dir, data)

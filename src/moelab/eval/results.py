@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +56,31 @@ def checkpoint_step(ckpt: Path) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def merge_eval_json(run_dir: str | Path, key: str, entries: dict[str, Any]) -> dict:
-    """eval.json[key].update(entries), written atomically; returns the whole file's dict."""
+def read_eval_json(run_dir: str | Path) -> dict:
+    """RUN_DIR/eval.json as a dict; {} when it is missing or damaged (it is only a cache of
+    results, so a torn or hand-broken file is rebuilt rather than blocking evaluation)."""
     path = Path(run_dir) / EVAL_FILE
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        data = {}  # a damaged cache of results is rebuilt rather than blocking evaluation
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_eval_json(run_dir: str | Path, data: dict) -> None:
+    """Replace RUN_DIR/eval.json atomically (a reader never sees half a file)."""
+    from moelab.train.rundir import write_json_atomic
+
+    write_json_atomic(Path(run_dir) / EVAL_FILE, jsonable(data))
+
+
+def merge_eval_json(run_dir: str | Path, key: str, entries: dict[str, Any]) -> dict:
+    """eval.json[key].update(entries), written atomically; returns the whole file's dict."""
+    data = read_eval_json(run_dir)
     section = data.get(key) if isinstance(data.get(key), dict) else {}
     section.update(jsonable(entries))
     data[key] = section
-    tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_eval_json(run_dir, data)
     return data
 
 
