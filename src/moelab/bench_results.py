@@ -7,10 +7,11 @@ atomic (temp file + rename), so an interrupted benchmark never leaves a half-wri
 """
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path
+
+from moelab.fsutil import write_text_atomic
 
 
 def time_ms(fn, device=None) -> float:
@@ -54,9 +55,7 @@ def write_section(name: str, body: str, path: str | Path | None = None) -> Path:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 

@@ -147,7 +147,7 @@ def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
     Runs in the caller's process or in a worker, so it takes and returns only plain data."""
     from moelab.train.checkpoint import list_checkpoints
     from moelab.train.loop import train
-    from moelab.train.rundir import write_json_atomic
+    from moelab.fsutil import write_json_atomic
 
     run_dir = out / m.name
     _say(f"{m.name}: {m.steps} steps of {m.cfg.train.batch_size} x {m.cfg.train.seq_len} tokens")

@@ -69,7 +69,7 @@ def read_eval_json(run_dir: str | Path) -> dict:
 
 def write_eval_json(run_dir: str | Path, data: dict) -> None:
     """Replace RUN_DIR/eval.json atomically (a reader never sees half a file)."""
-    from moelab.train.rundir import write_json_atomic
+    from moelab.fsutil import write_json_atomic
 
     write_json_atomic(Path(run_dir) / EVAL_FILE, jsonable(data))
 

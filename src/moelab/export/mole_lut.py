@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from moelab.errors import CheckpointError, ConfigError
+from moelab.fsutil import atomic_directory
 
 HEADER = "mole_lut.json"
 TABLE = "lut.bin"
@@ -249,10 +249,7 @@ def convert_model(model, cfg, out_dir: str | Path, dtype: str = "fp16",
     _check_dtype(dtype, block_size)
     codec = make_codec(dtype, m.ffn.n_experts, m.d_model, block_size)
     V, L, R = m.vocab_size, m.n_distinct_layers, codec.record_bytes
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         table = np.memmap(tmp / TABLE, dtype=np.uint8, mode="w+", shape=(V, L, R))
         was_training = model.training
         model.eval()
@@ -282,12 +279,6 @@ def convert_model(model, cfg, out_dir: str | Path, dtype: str = "fp16",
             "sha256": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / HEADER).write_text(json.dumps(header, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return header
 
 

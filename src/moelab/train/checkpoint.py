@@ -31,7 +31,7 @@ from safetensors.torch import save_model as st_save_model
 
 from moelab.config import Config
 from moelab.errors import CheckpointError, MoelabError
-from moelab.fsutil import pid_alive
+from moelab.fsutil import atomic_directory, pid_alive
 
 PREFIX = "step-"
 
@@ -67,10 +67,7 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(final) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         if state_dict is not None:
             st_save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -83,13 +80,6 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
                 (tmp / name).write_text(json.dumps(obj, indent=2))
             else:
                 torch.save(obj, tmp / name)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -264,9 +254,3 @@ def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)  # DDP
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())

@@ -9,7 +9,6 @@ data by default and `--resume` can refuse data that changed.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -19,6 +18,7 @@ import torch
 
 from moelab.config import Config
 from moelab.errors import CheckpointError, ConfigError, DataError
+from moelab.fsutil import write_json_atomic
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
@@ -54,12 +54,6 @@ def read_run_info(run_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def write_run_files(run_dir: Path, cfg: Config, data_dir: Path, meta: dict, device: str,
