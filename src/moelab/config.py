@@ -261,7 +261,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16 | float16
     compile: bool = False
-    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard) | ep (experts split)
     seed: int = 0
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
@@ -287,7 +287,7 @@ class TrainConfig:
             if not 0 <= v < 1:
                 raise ConfigError(f"{p}.{name}: {v} must be in [0, 1)")
         _choice(p + ".dtype", self.dtype, DTYPES)
-        _choice(p + ".parallel", self.parallel, ("ddp", "fsdp"))
+        _choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
         return self
 
 

@@ -3,6 +3,10 @@
 The bank owns parameters only; routing is the caller's (a router builds `expert_idx`, the caller
 builds one `RoutingPlan` and may reuse it across several banks or matmuls). One bank instance may
 be held by several layers (MoEUT-style sharing): `nn.Module.parameters()` de-duplicates it.
+
+Under expert parallelism (`place`) a bank keeps only its rank's block of experts and its calls
+send the routed rows to the owning ranks (moelab/ops/expert_parallel.py); `n_experts` stays the
+bank's global count.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from moelab.layers.base import Counts
 from moelab.ops.activations import check_activation
 from moelab.ops.backends import check_backend
 from moelab.ops.expert_ffn import expert_ffn, expert_ffn_sorted
+from moelab.ops.expert_parallel import ExpertPlacement, dispatched_expert_ffn_sorted
 from moelab.ops.plan import RoutingPlan
+from moelab.ops.routed import combine
 
 
 class ExpertBank(nn.Module):
@@ -39,6 +45,7 @@ class ExpertBank(nn.Module):
             self.w3_EDH = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         else:
             self.register_parameter("w3_EDH", None)
+        self.placement: ExpertPlacement | None = None  # set by `place` (expert parallelism)
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -46,9 +53,30 @@ class ExpertBank(nn.Module):
             if p is not None:
                 nn.init.normal_(p, std=std)
 
+    def place(self, placement: ExpertPlacement) -> None:
+        """Keep only this rank's experts [first, first + n_local); calls become collective."""
+        if self.placement is not None:
+            raise RuntimeError("this expert bank is already placed")
+        if placement.world * placement.n_local != self.n_experts:
+            raise ValueError(f"{self.n_experts} experts cannot be placed as {placement.world} "
+                             f"ranks x {placement.n_local}")
+        for name in ("w1_EDH", "w2_EHD", "w3_EDH"):
+            p = getattr(self, name)
+            if p is not None:
+                local = nn.Parameter(p.detach()[placement.local_slice()].clone(),
+                                     requires_grad=p.requires_grad)
+                local.__dict__.update(p.__dict__)  # init markers (residual-out, fan-in)
+                setattr(self, name, local)
+        self.placement = placement
+
     def extra_repr(self) -> str:
-        return (f"n_experts={self.n_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
-                f"activation={self.activation}, gated={self.gated}, backend={self.backend}")
+        s = (f"n_experts={self.n_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
+             f"activation={self.activation}, gated={self.gated}, backend={self.backend}")
+        if self.placement is not None:
+            pl = self.placement
+            last = pl.first + pl.n_local - 1
+            s += f", placed=experts {pl.first}..{last} on rank {pl.rank}/{pl.world}"
+        return s
 
     def _flat(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         x_TD = x.reshape(-1, self.d_model)
@@ -63,16 +91,25 @@ class ExpertBank(nn.Module):
                 weights_TK: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted sum of each token's k expert outputs, same shape as x ((T, d) or (..., d))."""
         x_TD = self._flat(x, plan)
-        y_TD = expert_ffn(x_TD, self.w1_EDH, self.w2_EHD, plan, weights_TK, self.activation,
-                          self.w3_EDH, backend=self.backend)
+        if self.placement is not None:
+            y_TD = combine(self._dispatched(x_TD, plan), plan, weights_TK)
+        else:
+            y_TD = expert_ffn(x_TD, self.w1_EDH, self.w2_EHD, plan, weights_TK,
+                              self.activation, self.w3_EDH, backend=self.backend)
         return y_TD.view(x.shape)
 
     def forward_sorted(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Every (token, slot) expert output, (T*k, d) in the plan's sorted order, not combined.
         `plan.unsort_pairs(y)` gives (T, k, d) in token-major order."""
         x_TD = self._flat(x, plan)
+        if self.placement is not None:
+            return self._dispatched(x_TD, plan)
         return expert_ffn_sorted(x_TD, self.w1_EDH, self.w2_EHD, plan, self.activation,
                                  self.w3_EDH, backend=self.backend)
+
+    def _dispatched(self, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return dispatched_expert_ffn_sorted(x_TD, self.w1_EDH, self.w2_EHD, plan, self.placement,
+                                            self.activation, self.w3_EDH, backend=self.backend)
 
     # --- analytic counts (MACs = multiply-accumulates; FLOPs = 2 x MACs) ---------------------
     @staticmethod

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from moelab.errors import ConfigError
 
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp", "ep")
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +63,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    parallel: str = "none"  # none | ddp | fsdp
+    parallel: str = "none"  # none | ddp | fsdp | ep
     owns_group: bool = False  # we created the process group, so we destroy it
     wrapped: Optional[nn.Module] = field(default=None, repr=False)  # the DDP / FSDP module
 
@@ -96,7 +96,7 @@ class DistEnv:
         m = self.wrapped
         if enabled or m is None:
             yield
-        elif self.parallel == "ddp":
+        elif self.parallel in ("ddp", "ep"):  # EP: DDP over the replicated parameters
             with m.no_sync():
                 yield
         else:  # FSDP2
@@ -176,9 +176,14 @@ class RankBatches:
 # model wrapping
 # ---------------------------------------------------------------------------------------------
 def wrap_model(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
-    """DDP or FSDP2 around `model` (returned unchanged for a single process)."""
+    """DDP, FSDP2 or expert parallelism + DDP around `model` (unchanged for one process)."""
     if not env.active:
         return model
+    if env.parallel == "ep":
+        from moelab.train import expert_parallel
+
+        env.wrapped = expert_parallel.wrap(model, env, device)
+        return env.wrapped
     if env.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -321,7 +326,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     rank calls it), in the single-process format: weights by parameter name without aliases (a
     tied head is stored once, as the embedding), optimizer state keyed by parameter index as
     `Optimizer.state_dict()` does. Returns (None, None) on other ranks and when not sharded
-    (DDP's rank 0 holds everything already)."""
+    (DDP's rank 0 holds everything already). Expert parallelism: the expert shards are
+    gathered the same way (moelab/train/expert_parallel.py)."""
+    if env.parallel == "ep" and env.active:
+        from moelab.train import expert_parallel
+
+        return expert_parallel.full_state(model, optimizer, env.is_main)
     if env.parallel != "fsdp" or not env.active:
         return None, None
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
@@ -342,6 +352,11 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
                          env: DistEnv) -> None:
     """Load a checkpoint's full, index-keyed optimizer state (written at any world size)."""
+    if env.parallel == "ep" and env.active:
+        from moelab.train import expert_parallel
+
+        optimizer.load_state_dict(expert_parallel.local_optimizer_state(optimizer, saved))
+        return
     if env.parallel != "fsdp" or not env.active:
         optimizer.load_state_dict(saved)
         return

@@ -82,7 +82,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
 
     stop_at: stop (with a checkpoint) after this step although the schedule runs to the full
         total, as if the process had been killed right after saving; `resume=True` continues.
-    parallel: ddp | fsdp under torchrun (default: train.parallel); ignored in one process.
+    parallel: ddp | fsdp | ep under torchrun (default: train.parallel); ignored in one process.
     Returns a summary dict (see docs/training.md); every rank returns the same numbers.
     """
     dev = resolve_device(device)
@@ -144,9 +144,10 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, tc.seed,
                              rank=env.rank, world_size=env.world_size)
     eval_set = val_loader.eval_batches(tc.eval_batches)
-    if env.parallel == "fsdp" and env.active and tc.dtype == "float16":
-        raise ConfigError("train.dtype float16 with FSDP: the loss scaler would see only this "
-                          "rank's gradient shards; use bfloat16 (or train.parallel ddp)")
+    if env.parallel in ("fsdp", "ep") and env.active and tc.dtype == "float16":
+        raise ConfigError(f"train.dtype float16 with train.parallel {env.parallel}: the loss "
+                          "scaler would see only this rank's gradient shards; use bfloat16 (or "
+                          "train.parallel ddp)")
 
     seed_everything(tc.seed)
     model = MoELM(cfg.model).to(dev)

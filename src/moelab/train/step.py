@@ -80,7 +80,15 @@ def _stats(out) -> tuple[list[str], torch.Tensor]:
     return names, torch.stack(values)
 
 
-def _grad_norm(params: list[torch.Tensor], grad_clip: float) -> torch.Tensor:
+def _grad_norm(params: list[torch.Tensor], grad_clip: float, dist=None) -> torch.Tensor:
+    if dist is not None and dist.parallel == "ep":  # expert shards differ between ranks
+        from moelab.train.expert_parallel import grad_norm, is_shard
+
+        norm = grad_norm([p.grad for p in params if not is_shard(p)],
+                         [p.grad for p in params if is_shard(p)])
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+        return norm
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 (never sharded here)
         if grad_clip > 0:
             return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
@@ -120,7 +128,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: t
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = _grad_norm(params, grad_clip)
+    norm = _grad_norm(params, grad_clip, dist)
     mean_S = sum_S / grad_accum
     if dist is not None:
         mean_S = dist.all_mean(mean_S)

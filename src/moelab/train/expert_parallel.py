@@ -1,0 +1,147 @@
+"""`train.parallel: ep` under torchrun: expert banks split between the ranks, the rest DDP.
+
+Every routed `ExpertBank` (FFN-MoE, σ-MoE, UMoE's shared bank, MoEUT's repeated banks, each
+placed once however many layers hold it) keeps E / W experts per rank (`ExpertBank.place`); its
+calls move the rows to the owning rank and back (moelab/ops/expert_parallel.py). Everything else
+(embeddings, attention, routers, shared experts, the small attention experts of SwitchHead, MoA
+and UMoE's queries) is replicated and averaged by DDP, which is told to ignore the expert shards.
+
+Why a W-process EP run is the 1-process run (as for DDP, docs/distributed.md):
+* Gradients. Rank r's loss is the mean over its own rows, so DDP's average of the replicated
+  gradients is the gradient of the global mean. An expert's gradient on its owner already sums
+  what every rank's rows contribute (the all-to-all's backward brings them), so it is divided by
+  W (a hook on each shard) to be the same gradient of the global mean.
+* Gradient norm and clipping. Replicated gradients are equal on every rank; expert shards are
+  disjoint, so the global squared norm is the replicated part plus the all-reduced sum of the
+  shards' parts (`grad_norm`).
+* Checkpoints. Shards are all-gathered (weights and AdamW moments) to rank 0, which writes the
+  single-process format; loading slices the full state again, so a run resumes at any world
+  size and with any `train.parallel`.
+
+MoLE's experts are not placed: they run densely on every token in training and become lookup
+tables for inference (docs/mole.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moelab.errors import ConfigError
+from moelab.layers.experts import ExpertBank
+from moelab.ops.expert_parallel import ExpertPlacement
+
+EP_MARK = "_moelab_expert_shard"  # attribute set on a placed parameter: its ExpertPlacement
+
+
+def routed_banks(model: nn.Module) -> dict[str, ExpertBank]:
+    """Every distinct routed expert bank by its first module name (MoLE banks left out)."""
+    from moelab.layers.mole import _MoLEBase
+
+    mole = {id(m.experts) for m in model.modules() if isinstance(m, _MoLEBase)}
+    banks: dict[int, tuple[str, ExpertBank]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, ExpertBank) and id(m) not in mole:
+            banks.setdefault(id(m), (name, m))
+    return dict(banks.values())
+
+
+def is_shard(p: torch.Tensor) -> bool:
+    return getattr(p, EP_MARK, None) is not None
+
+
+def place_experts(model: nn.Module, rank: int, world: int, group=None) -> list[str]:
+    """Place every routed bank's experts over `world` ranks; returns the parameter names (all
+    aliases) of the shards, for DDP to ignore."""
+    banks = routed_banks(model)
+    if not banks:
+        raise ConfigError("train.parallel: 'ep' places routed experts on ranks, and this model "
+                          "has none (MoLE experts run on every token); use ddp or fsdp")
+    for name, bank in banks.items():
+        if bank.n_experts % world:
+            raise ConfigError(f"train.parallel: 'ep' with {world} processes: {name} has "
+                              f"{bank.n_experts} experts, not divisible by {world}; choose "
+                              "--nproc dividing the number of experts")
+        placement = ExpertPlacement(rank, world, bank.n_experts // world, group)
+        bank.place(placement)
+        for p in bank.parameters():
+            setattr(p, EP_MARK, placement)
+            p.register_hook(lambda g, w=world: g / w)  # the mean over ranks (module docstring)
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if is_shard(p)]
+
+
+def wrap(model: nn.Module, env, device: torch.device) -> nn.Module:
+    """Place the experts, then DDP over everything else."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = place_experts(model, env.rank, env.world_size)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def grad_norm(grads_rep: list[torch.Tensor], grads_ep: list[torch.Tensor],
+              foreach: bool = True) -> torch.Tensor:
+    """Global L2 norm: replicated gradients once, plus every rank's expert shards."""
+    def sq(gs):
+        if not gs:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.nn.utils.get_total_norm(gs, foreach=foreach).float() ** 2
+
+    ep_sq = sq(grads_ep).to(grads_ep[0].device if grads_ep else "cpu")
+    dist.all_reduce(ep_sq)
+    rep_sq = sq(grads_rep).to(ep_sq.device)
+    return (rep_sq + ep_sq).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def _gather(t: torch.Tensor, placement: ExpertPlacement) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(placement.world)]
+    dist.all_gather(parts, t.contiguous(), group=placement.group)
+    return torch.cat(parts).cpu()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+               is_main: bool) -> tuple[Optional[dict], Optional[dict]]:
+    """Full weights (names without aliases) and index-keyed optimizer state on rank 0; every
+    rank must call it (the shards are all-gathered)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    full_opt = {"state": {}, "param_groups": sd["param_groups"]}
+    full_param: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(params):  # the same order on every rank: the collectives line up
+        state = sd["state"].get(i, {})
+        if not is_shard(p):
+            full_opt["state"][i] = state
+            continue
+        placement = getattr(p, EP_MARK)
+        full_param[id(p)] = _gather(p.detach(), placement)
+        full_opt["state"][i] = {
+            k: _gather(v if k in state else torch.zeros_like(p), placement)
+            if k in ("exp_avg", "exp_avg_sq") else v for k, v in
+            {"exp_avg": None, "exp_avg_sq": None, **state}.items()}
+    if not is_main:
+        return None, None
+    weights = {n: full_param.get(id(p), p.detach()).cpu().contiguous()
+               for n, p in model.named_parameters()}
+    state_dict = model.state_dict()
+    weights.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers()
+                    if n in state_dict})
+    return weights, full_opt
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A full, index-keyed optimizer state cut down to this rank's expert shards."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in saved["state"].items():
+        p = params[int(i)]
+        if is_shard(p):
+            sl = getattr(p, EP_MARK).local_slice()
+            s = {k: v[sl].clone() if k in ("exp_avg", "exp_avg_sq") else v for k, v in s.items()}
+        state[i] = s
+    return {"state": state, "param_groups": saved["param_groups"]}
