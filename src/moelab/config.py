@@ -159,10 +159,13 @@ class RouterConfig:
     seq_coef: float = 0.0  # DeepSeek sequence-level loss (UMoE: 0.001)
     entropy_coef: float = 0.0  # MoEUT entropy regulariser
     z_coef: float = 0.0  # router z-loss
+    # aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores only to choose
+    # experts, moved by bias_rate * sign(mean load - load) after every optimizer step; 0 = off
+    bias_rate: float = 0.0
 
     def validate(self, p: str) -> None:
         _kind(p + ".kind", self.kind, "ROUTER")
-        for name in ("jitter", "switch_coef", "seq_coef", "entropy_coef", "z_coef"):
+        for name in ("jitter", "switch_coef", "seq_coef", "entropy_coef", "z_coef", "bias_rate"):
             _non_negative(f"{p}.{name}", getattr(self, name))
 
 
@@ -406,6 +409,12 @@ def _read_mapping(path: Path) -> dict:
     if "model" not in d and any(k in d for k in ("d_model", "n_layers", "attention", "ffn")):
         d = {"model": d}
     return d
+
+
+def model_config_dict(d: dict) -> dict:
+    """A stored model config (e.g. from an older moelab) as this version spells it: fields added
+    since then take their defaults. ConfigError if it does not parse any more."""
+    return dataclasses.asdict(_build(ModelConfig, d, "model"))
 
 
 def _build(cls, d: Any, path: str):

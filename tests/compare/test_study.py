@@ -116,3 +116,23 @@ def test_a_member_failing_in_a_worker_is_a_clean_error(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "no-data does not exist" in err and "Traceback" not in err
+
+
+def test_finished_member_key_survives_new_config_fields():
+    """A member finished by an older moelab (its stored config lacks a field added since, at
+    the default) is still finished; a real difference, or a key that no longer parses, is not."""
+    from moelab.compare.study import _same_key
+    from moelab.config import load_preset
+
+    model = load_preset("moe-tiny").to_dict()["model"]
+    key = {"steps": 3, "config": model, "seed": 0, "data": {"train": "abc"}}
+    old = json.loads(json.dumps(key))
+    del old["config"]["router"]["bias_rate"]  # written before the field existed
+    assert _same_key(old, key)
+    changed = json.loads(json.dumps(old))
+    changed["config"]["router"]["switch_coef"] = 0.5
+    assert not _same_key(changed, key)
+    assert not _same_key({**old, "seed": 1}, key)
+    broken = json.loads(json.dumps(old))
+    broken["config"]["router"]["no_such_field"] = 1
+    assert not _same_key(broken, key) and not _same_key(None, key)

@@ -117,3 +117,84 @@ def test_losses_get_gradient_and_no_module_state():
         assert torch.equal(ctx1.aux_losses[k], ctx2.aux_losses[k])  # nothing carried over
     sum(ctx1.aux_losses.values()).backward()
     assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# aux-loss-free balancing (router.bias_rate)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["softmax_topk", "sigmoid_topk"])
+def test_balance_bias_moves_the_choice_not_the_gates(kind):
+    r = _router(kind, E=5, k=2, bias_rate=0.1)
+    x = torch.randn(4, 6, 3)
+    r.balance_bias_E.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0]))  # expert 3 always chosen
+    out = r(x, ForwardContext())
+    logits = x @ r.weight.t()
+    scores = logits.softmax(-1) if kind == "softmax_topk" else torch.sigmoid(logits)
+    assert (out.idx_BTK == 3).any(-1).all()
+    torch.testing.assert_close(out.weights_BTK, scores.gather(-1, out.idx_BTK))  # unbiased
+    expected = (scores + r.balance_bias_E).topk(2, -1).indices
+    assert torch.equal(out.idx_BTK, expected)
+
+
+def test_balance_bias_update_sign_centring_and_step_loads():
+    r = _router(E=4, k=1, bias_rate=0.1)
+    r.train()
+    r.record_load(torch.tensor([0, 0, 0, 1, 2, 2]))  # loads 3, 1, 2, 0: mean 1.5
+    r.record_load(torch.tensor([3, 3]))  # a second micro-batch adds: 3, 1, 2, 2
+    r.update_bias()
+    torch.testing.assert_close(r.balance_bias_E, torch.tensor([-0.1, 0.1, 0.0, 0.0]))  # mean 2
+    before = r.balance_bias_E.clone()
+    r.update_bias()  # no training forward since: nothing to move
+    assert torch.equal(r.balance_bias_E, before)
+    r.eval()
+    r(torch.randn(2, 3, 3), ForwardContext())  # evaluation does not count
+    assert r._load_E is None
+    r.train()
+    r.record_load(torch.tensor([0, 1]))
+    r.update_bias(all_sum=lambda t: t + torch.tensor([0.0, 0.0, 4.0, 0.0]))  # other ranks' loads
+    torch.testing.assert_close(r.balance_bias_E - before,
+                               torch.tensor([0.1, 0.1, -0.1, 0.1]) - 0.05)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "sigmoid_topk"])
+def test_balance_bias_evens_out_a_collapsed_router(kind):
+    torch.manual_seed(0)
+    r = make_router(16, 8, 2, RouterConfig(kind=kind, bias_rate=0.01))
+    torch.nn.init.normal_(r.weight, std=0.3)
+    x = torch.randn(8, 32, 16) + 0.5
+    with torch.no_grad():  # expert 0 aligned with the mean input: chosen by nearly every token
+        r.weight[0] += 2.0 * x.mean((0, 1)) / x.mean((0, 1)).norm()
+    r.train()
+
+    def imbalance():
+        with torch.no_grad():
+            idx = r(x, ForwardContext()).idx_BTK
+        load = torch.bincount(idx.reshape(-1), minlength=8).float()
+        return float(load.max() / load.mean())
+
+    start = imbalance()
+    for _ in range(100):
+        r.update_bias()
+        imbalance()
+    assert start > 3.0 and imbalance() < 1.3
+    assert abs(float(r.balance_bias_E.sum())) < 1e-4  # centred
+
+
+def test_balance_bias_headwise_and_errors():
+    from moelab.config import load_preset
+    from moelab.errors import ConfigError
+    from moelab.layers.attn_experts import HeadwiseRouter
+    from moelab.model import MoELM
+
+    hr = HeadwiseRouter(3, n_heads=2, n_experts=4, top_k=1,
+                        cfg=RouterConfig(kind="sigmoid_topk", bias_rate=0.1), name="v")
+    hr.router.balance_bias_E.copy_(torch.tensor([0, 0, 0, 9.0, 9.0, 0, 0, 0]))
+    ctx = ForwardContext()
+    idx, _ = hr(torch.randn(2, 5, 3), ctx)
+    assert (idx[..., 0, 0] == 3).all() and (idx[..., 1, 0] == 4).all()  # head 1: ids 4..7
+    assert hr.router._load_E.tolist() == [0, 0, 0, 10, 10, 0, 0, 0]
+    assert ctx.metrics["layer0.v.bias"].shape == (8,)
+    with pytest.raises(ConfigError, match="model.router.bias_rate"):
+        MoELM(load_preset("mole-tiny").with_overrides(["model.router.bias_rate=0.01"]).model)
+    with pytest.raises(ConfigError, match="bias_rate"):
+        RouterConfig(bias_rate=-1.0).validate("model.router")

@@ -4,7 +4,8 @@ The end-to-end tests launch `python -m torch.distributed.run --standalone` (a fr
 port, one OpenMP thread per process) through `moelab.train.distributed.launch`, the function
 behind `moelab train --nproc N`, and compare every logged number with an in-process 1-process
 run of the same global batch: an MoE with a Switch loss (whose expert shares must be global,
-not per rank), z-loss and two micro-batches per step.
+not per rank), z-loss, aux-loss-free balance biases (moved by the global loads) and two
+micro-batches per step.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ STEPS = 4
 MOE = [
     "model.ffn.kind=moe", "model.ffn.n_experts=4", "model.ffn.top_k=2", "model.ffn.expert_dim=32",
     "model.ffn.n_shared_experts=1", "model.ffn.shared_expert_dim=32",
-    "model.router.switch_coef=0.05", "model.router.z_coef=0.001",
+    "model.router.switch_coef=0.05", "model.router.z_coef=0.001", "model.router.bias_rate=0.01",
     "train.grad_accum=2", "train.eval_every=2", "train.save_every=2", "train.keep_last=3",
     "train.warmup_steps=2",
 ]

@@ -200,6 +200,7 @@ def test_moe_resume_restores_router_noise_and_logs_routing(tiny_data, tmp_path, 
         "model.d_model=64", "model.n_layers=2", "model.attention.n_heads=2",
         "model.vocab_size=512", "model.max_seq_len=64", "model.ffn.n_experts=4",
         "model.ffn.expert_dim=32", "model.ffn.shared_expert_dim=64", "model.router.jitter=0.1",
+        "model.router.bias_rate=0.01",  # the balance biases are saved and restored too
         "train.seq_len=64", "train.batch_size=8", "train.eval_every=5", "train.eval_batches=2",
         "train.save_every=5", "train.warmup_steps=2", "train.grad_accum=2"])
     train(cfg, tiny_data, tmp_path / "a", steps=10, progress=False, tensorboard=False)
@@ -212,6 +213,7 @@ def test_moe_resume_restores_router_noise_and_logs_routing(tiny_data, tmp_path, 
     assert [a_val[s]["val_loss"] for s in (0, 5, 10)] == [b_val[s]["val_loss"] for s in (0, 5, 10)]
     line = a_train[1]
     assert line["aux_loss"] > 0 and any(k.startswith("aux.layer0.") for k in line)
+    assert a_train[10]["layer0.ffn_router.bias_max"] > 0  # balancing moved the biases
     for suffix in (".entropy", ".load_max", ".load_min", ".dead"):  # router names vary by kind
         assert any(k.startswith("layer0.") and k.endswith(suffix) for k in line), suffix
     loads = [v for k, v in a_val[10].items() if k.startswith("layer1.") and k.endswith(".load")]

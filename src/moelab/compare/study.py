@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moelab.compare.matching import macs_per_token, match_macs
 from moelab.compare.summary import missing_orderings, ordering_table, seed_table
-from moelab.config import Config, load_preset, preset_names
+from moelab.config import Config, load_preset, model_config_dict, preset_names
 from moelab.errors import ConfigError
 from moelab.flops import count, human
 
@@ -78,7 +78,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         key = {"steps": steps, "config": cfg.to_dict()["model"], "seed": seed,
                "data": data_identity(data_dir)}
         done = out / name / "compare.json"
-        if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        if done.is_file() and _same_key(json.loads(done.read_text()).get("key"), key):
             _say(f"{name}: finished earlier, skipping")
             rows[name] = json.loads(done.read_text())["row"]
         elif report_only:
@@ -127,6 +127,19 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     write_results(rows, out, missing=missing)
     plot_curves(out, metrics)
     return rows
+
+
+def _same_key(stored, key: dict) -> bool:
+    """Whether a finished member's key is this member's. Its model config is read through the
+    current ModelConfig first, so a config field added to moelab since (at its default) does not
+    make finished members look unfinished."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        return False
+    try:
+        config = model_config_dict(stored["config"])
+    except ConfigError:
+        return False
+    return {**stored, "config": config} == key
 
 
 @dataclass(frozen=True)

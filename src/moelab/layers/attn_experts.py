@@ -85,12 +85,15 @@ class HeadwiseRouter(nn.Module):
         if self.training and r.cfg.jitter > 0:
             x_BTD = x_BTD * torch.empty_like(x_BTD).uniform_(1 - r.cfg.jitter, 1 + r.cfg.jitter)
         logits_BTHE = (x_BTD.float() @ r.weight.float().t()).view(B, T, H, Ea)
-        idx_BTHK, w_BTHK = r.select(logits_BTHE)
+        idx_BTHK, w_BTHK = r.select(logits_BTHE, r.selection_bias(logits_BTHE.shape[-2:]))
         per_head = Routing(idx_BTHK.transpose(1, 2).reshape(B * H, T, k),
                            w_BTHK.transpose(1, 2).reshape(B * H, T, k),
                            logits_BTHE.transpose(1, 2).reshape(B * H, T, Ea))
         add_balance_losses(self.loss_view, per_head, ctx)
         offset_H1 = torch.arange(H, device=idx_BTHK.device)[:, None] * Ea
+        r.record_load(idx_BTHK + offset_H1)  # loads over all H * Ea experts (balance bias)
+        if r.bias_rate:
+            ctx.add_metric(f"{self.loss_view.name}.bias", r.balance_bias_E.clone())
         return idx_BTHK + offset_H1, w_BTHK
 
 

@@ -9,6 +9,12 @@ forward context (`ctx.add_aux`), never through module state. Losses and the symb
 - Entropy (MoEUT sec. 1.4 of the reference): per sequence, the marginal softmax distribution over
   the time steps of *every repeat* of a shared layer; loss = its negative entropy, batch-averaged.
 - z-loss (ST-MoE): mean_t logsumexp(logits_t)^2.
+Aux-loss-free balancing (DeepSeek-V3, `router.bias_rate` = gamma) is not a loss: each top-k router
+keeps a bias b_e added to its scores only to choose the experts (the gate values stay the
+unbiased scores). Training forwards add up the expert loads of the whole step (every
+micro-batch, every repeat of a shared layer, every rank); after the optimizer step
+`update_balance_biases` moves b_e by gamma * sign(mean load - load_e), centred (a shift common to
+all experts would not change any choice).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from moelab.config import RouterConfig
+from moelab.errors import ConfigError
 from moelab.layers.base import ForwardContext
 from moelab.registry import ROUTER
 
@@ -33,32 +40,83 @@ class Routing:
 class Router(nn.Module):
     """x -> logits = x W_r^T (float32) -> a choice of k experts per token, plus losses/metrics."""
 
+    selects = True  # chooses among experts (a selection bias can balance it)
+
     def __init__(self, d_in: int, n_experts: int, top_k: int, cfg: RouterConfig,
                  name: str = "router"):
         super().__init__()
         self.n_experts, self.top_k, self.cfg, self.name = n_experts, top_k, cfg, name
         self.weight = nn.Parameter(torch.empty(n_experts, d_in))
         nn.init.normal_(self.weight, std=0.02)
+        self.bias_rate = cfg.bias_rate
+        if self.bias_rate:
+            if not self.selects:
+                raise ConfigError(f"model.router.bias_rate: {cfg.bias_rate}, but the {cfg.kind} "
+                                  f"router ({name}) uses every expert: there is no choice to "
+                                  "balance; set it to 0")
+            # a buffer: saved with the weights, so a resumed run keeps its balance
+            self.register_buffer("balance_bias_E", torch.zeros(n_experts))
+        self._load_E: torch.Tensor | None = None  # this step's loads (not a buffer: DDP
+        # would broadcast rank 0's over the others')
 
-    def select(self, logits_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, logits_BTE: torch.Tensor,
+               bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids, gate values); `bias_E` (broadcast over the scores) shifts only the
+        choice, never the gate values."""
         raise NotImplementedError
+
+    def selection_bias(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The balance bias shaped like the trailing dims of scores of `shape` (None if off)."""
+        if not self.bias_rate:
+            return None
+        n = 1
+        for i in range(len(shape) - 1, -1, -1):  # the trailing dims that hold n_experts
+            n *= shape[i]
+            if n == self.n_experts:
+                return self.balance_bias_E.view(shape[i:])
+        raise ValueError(f"scores of shape {tuple(shape)} do not end in {self.n_experts} experts")
+
+    @torch.no_grad()
+    def record_load(self, idx: torch.Tensor) -> None:
+        """Add the chosen experts (ids in [0, n_experts)) to this step's loads (training)."""
+        if self.bias_rate and self.training:
+            counts_E = torch.bincount(idx.reshape(-1), minlength=self.n_experts).float()
+            self._load_E = counts_E if self._load_E is None else self._load_E + counts_E
+
+    @torch.no_grad()
+    def update_bias(self, all_sum=None) -> None:
+        """b += rate * sign(mean load - load), centred; loads summed over ranks by `all_sum`."""
+        load_E, self._load_E = self._load_E, None
+        if load_E is None:
+            return
+        if all_sum is not None:
+            load_E = all_sum(load_E)
+        delta_E = self.bias_rate * torch.sign(load_E.mean() - load_E)
+        self.balance_bias_E.add_(delta_E - delta_E.mean())
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> Routing:
         if self.training and self.cfg.jitter > 0:
             noise = torch.empty_like(x_BTD).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
             x_BTD = x_BTD * noise
         logits_BTE = x_BTD.float() @ self.weight.float().t()
-        idx_BTK, w_BTK = self.select(logits_BTE)
+        idx_BTK, w_BTK = self.select(logits_BTE, self.selection_bias(logits_BTE.shape[-1:]))
+        self.record_load(idx_BTK)
         routing = Routing(idx_BTK, w_BTK, logits_BTE)
         add_balance_losses(self, routing, ctx)
+        if self.bias_rate:
+            ctx.add_metric(f"{self.name}.bias", self.balance_bias_E.clone())
         return routing
 
 
 @ROUTER.register("softmax_topk")
 class SoftmaxTopKRouter(Router):
-    def select(self, logits_BTE):
+    def select(self, logits_BTE, bias_E=None):
         probs = logits_BTE.softmax(-1)
-        w, idx = probs.topk(self.top_k, dim=-1)
+        if bias_E is None:
+            w, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            idx = (probs + bias_E).topk(self.top_k, dim=-1).indices
+            w = probs.gather(-1, idx)
         if self.cfg.renormalize:
             w = w / w.sum(-1, keepdim=True)
         return idx, w
@@ -72,9 +130,9 @@ class SigmoidTopKRouter(Router):
         super().__init__(*args, **kwargs)
         self.expert_dropout = expert_dropout
 
-    def select(self, logits_BTE):
+    def select(self, logits_BTE, bias_E=None):
         scores = torch.sigmoid(logits_BTE)
-        sel = scores
+        sel = scores if bias_E is None else scores + bias_E
         if self.training and self.expert_dropout > 0:
             drop = torch.rand_like(scores) < self.expert_dropout
             sel = scores.masked_fill(drop, float("-inf"))
@@ -86,7 +144,9 @@ class SigmoidTopKRouter(Router):
 class DenseSoftmaxRouter(Router):
     """MoLE: every expert, weighted by the softmax over all of them (no top-k)."""
 
-    def select(self, logits_BTE):
+    selects = False
+
+    def select(self, logits_BTE, bias_E=None):
         probs = logits_BTE.softmax(-1)
         idx = torch.arange(self.n_experts, device=probs.device).expand_as(probs)
         return idx, probs
@@ -154,6 +214,21 @@ def add_balance_losses(router: Router, r: Routing, ctx: ForwardContext) -> None:
         ctx.add_metric(f"{name}.dead", (counts_E == 0).sum().float())
         p = r.logits_BTE.softmax(-1)
         ctx.add_metric(f"{name}.entropy", -(p * p.clamp_min(1e-20).log()).sum(-1).mean())
+
+
+def update_balance_biases(model: nn.Module, all_sum=None) -> None:
+    """After an optimizer step: move every balanced router's bias by the step's loads (summed over
+    ranks by `all_sum`, e.g. `DistEnv.all_sum`; every rank must call it)."""
+    for m in model.modules():
+        if isinstance(m, Router) and m.bias_rate:
+            m.update_bias(all_sum)
+
+
+def clear_balance_loads(model: nn.Module) -> None:
+    """Forget loads recorded since the last update (a step that was not taken)."""
+    for m in model.modules():
+        if isinstance(m, Router):
+            m._load_E = None
 
 
 def finish_entropy_losses(ctx: ForwardContext) -> None:

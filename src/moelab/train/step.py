@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from moelab.errors import ConfigError
+from moelab.layers.routers import clear_balance_loads, update_balance_biases
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,6 +113,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: t
     plus `grad_norm` (before clipping). The lr must already be set on the optimizer.
     """
     precision = precision or Precision(x_BT.device.type)
+    clear_balance_loads(model)  # loads of this step only (a failed step may have left some)
     rows = x_BT.shape[0] // grad_accum
     sync = dist.grad_sync if dist is not None else (lambda last: contextlib.nullcontext())
     names: list[str] = []
@@ -144,6 +146,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: t
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    # aux-loss-free balancing: once per step, from the loads of all its micro-batches and ranks
+    update_balance_biases(model, dist.all_sum if dist is not None else None)
     return stats
 
 
