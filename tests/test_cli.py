@@ -59,3 +59,15 @@ def test_info_reports_macs_relative_to_dense_baseline(capsys):
         res["macs_forward"] / res["baseline"]["macs_forward"])
     assert main(["info", "--preset", "moe-tiny", "--baseline", "gated-tiny"]) == 0
     assert "vs dense baseline gated-tiny" in capsys.readouterr().out
+
+
+def test_info_save_writes_the_resolved_config(tmp_path, capsys):
+    from moelab.config import Config
+
+    out = tmp_path / "wide.json"
+    assert main(["info", "--preset", "dense-tiny", "--set", "model.d_model=288",
+                 "--save", str(out)]) == 0
+    cfg = Config.load(out)
+    assert cfg.model.d_model == 288 and cfg.name == "wide"
+    assert main(["info", "--preset", "dense-tiny", "--save", str(tmp_path / "x.txt")]) == 2
+    assert "--save" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()

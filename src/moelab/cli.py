@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="dense preset to compare MACs with (default: the family's "
                                       "dense baseline, e.g. moeut-dense-244m for moeut-244m)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", metavar="FILE",
+                   help="also write the resolved config (preset + --set) to FILE (.yaml or "
+                        ".json): a new combination for `train --config` or `compare --presets`")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="sample text from a trained run or an untrained preset")
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train several architectures side by side at matched compute")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--presets", help="comma-separated preset names")
+    g.add_argument("--presets", help="comma-separated preset names or YAML/JSON config files "
+                                     "(a file member is named by its stem)")
     g.add_argument("--all-tiny", action="store_true", help="every *-tiny preset")
     p.add_argument("--data", required=True, help="directory written by `moelab data prepare`")
     p.add_argument("--tokens", type=int, required=True, help="training tokens per model")
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     from moelab.config import load_preset, preset_names, resolve_config
+    from moelab.errors import ConfigError
     from moelab.flops import count, human
 
     if args.list:
@@ -213,6 +218,13 @@ def cmd_info(args) -> int:
                   f"params={human(n['params_total']):>8s} active={human(n['params_active']):>8s}")
         return 0
     cfg = resolve_config(args.preset, args.config, args.sets)
+    if args.save:
+        save = Path(args.save)
+        if save.suffix not in (".yaml", ".yml", ".json"):
+            raise ConfigError(f"--save {save}: expected a .yaml, .yml or .json file name")
+        if args.preset and (args.sets or cfg.name == "custom"):
+            cfg.name = save.stem  # the file is a new model, not the preset
+        cfg.save(save)
     res = count(cfg.model, batch=args.batch, seq_len=args.seq, full_attention=args.full_attention)
     res = {"name": cfg.name, **res}
     base_name = args.baseline or dense_baseline(cfg.name)

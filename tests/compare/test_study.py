@@ -136,3 +136,37 @@ def test_finished_member_key_survives_new_config_fields():
     broken = json.loads(json.dumps(old))
     broken["config"]["router"]["no_such_field"] = 1
     assert not _same_key(broken, key) and not _same_key(None, key)
+
+
+def test_config_file_members_join_a_study(tiny_data, tmp_path, capsys):
+    """A combination no preset has (saved by `moelab info --save`) is a member named by its
+    file stem; two members with one name are refused before anything trains."""
+    from train.conftest import TINY
+
+    sets = [s for s in TINY if not s.startswith("model.ffn")] + ["train.save_every=100"]
+    variant = tmp_path / "gated-shared.yaml"
+    argv = ["info", "--preset", "dense-tiny", "--set", "model.attention.gate.position=sdpa",
+            "--set", "model.sharing.group_size=1", "--save", str(variant)]
+    assert main(argv) == 0 and variant.is_file()
+    cmp = ["compare", "--presets", f"dense-tiny,{variant}", "--data", str(tiny_data),
+           "--tokens", str(8 * 64 * 4), "--out", str(tmp_path / "cmp"), "--tasks", "",
+           "--no-progress"]
+    for s in sets:
+        cmp += ["--set", s]
+    assert main(cmp) == 0
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "results.csv")))
+    assert [r["model"] for r in rows] == ["dense-tiny", "gated-shared"]
+    assert rows[1]["preset"] == str(variant)
+    cfg = json.loads((tmp_path / "cmp" / "gated-shared" / "config.json").read_text())
+    assert cfg["model"]["attention"]["gate"]["position"] == "sdpa"
+    assert cfg["model"]["sharing"]["group_size"] == 1
+    assert cfg["model"]["d_model"] == 64  # the study's --set applies to file members too
+    clash = tmp_path / "dense-tiny.json"
+    clash.write_text((tmp_path / "cmp" / "dense-tiny" / "config.json").read_text())
+    capsys.readouterr()
+    cmp[cmp.index("--presets") + 1] = f"dense-tiny,{clash}"
+    assert main(cmp) == 2
+    assert "two members would be named dense-tiny" in capsys.readouterr().err
+    cmp[cmp.index("--presets") + 1] = str(tmp_path / "missing.yaml")
+    assert main(cmp) == 2
+    assert "missing.yaml" in capsys.readouterr().err

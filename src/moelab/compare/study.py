@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moelab.compare.matching import macs_per_token, match_macs
-from moelab.compare.summary import missing_orderings, ordering_table, seed_table
+from moelab.compare.summary import (CONFIG_SUFFIXES, missing_orderings, ordering_table,
+                                    seed_table)
 from moelab.config import Config, load_preset, model_config_dict, preset_names
 from moelab.errors import ConfigError
 from moelab.flops import count, human
@@ -27,6 +28,15 @@ COLUMNS = ["model", "preset", "seed", "params_total", "params_active", "macs_per
 
 def tiny_presets() -> list[str]:
     return [n for n in preset_names() if n.endswith("-tiny")]
+
+
+def load_member(spec: str) -> tuple[str, Config]:
+    """(name, config) of a study member given as a preset name or as a YAML/JSON config file
+    (named by its file stem): a combination no preset has joins a study as a file."""
+    if spec.endswith(CONFIG_SUFFIXES):
+        path = Path(spec).expanduser()
+        return path.stem, Config.load(path)  # ConfigError names a missing or bad file
+    return spec, load_preset(spec)
 
 
 def _say(msg: str) -> None:
@@ -53,6 +63,12 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
 
     if not presets:
         raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
+    bases = {spec: load_member(spec) for spec in presets}  # every bad member fails up front
+    names = [name for name, _ in bases.values()]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"compare: two members would be named {', '.join(twice)}; rename the "
+                          "config file(s) so that every member has its own name")
     if jobs < 1:
         raise ConfigError(f"compare: jobs={jobs}: expected a positive number of members at once")
     device = str(resolve_device(device))  # a bad --device fails before anything trains
@@ -60,15 +76,16 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     out.mkdir(parents=True, exist_ok=True)
     ref_macs = None
     if match_ref:
-        ref_cfg = load_preset(match_ref).with_overrides(list(sets))
+        ref_cfg = load_member(match_ref)[1].with_overrides(list(sets))
         ref_macs = macs_per_token(ref_cfg.model, ref_cfg.train.seq_len)
         _say(f"matching forward MACs/token to {match_ref}: {human(ref_macs)}")
     # Seed-major: an interrupted multi-seed study has every model at the first seed before any
     # model at the second.
     rows, missing, todo = {}, [], []
     for preset, seed in [(p, s) for s in seeds for p in presets]:
-        name = member_name(preset, seed)
-        cfg = load_preset(preset).with_overrides([*sets, f"train.seed={seed}"])
+        base, base_cfg = bases[preset]
+        name = member_name(base, seed)
+        cfg = base_cfg.with_overrides([*sets, f"train.seed={seed}"])
         matched = ""
         if ref_macs is not None:
             res = match_macs(cfg, ref_macs)

@@ -8,12 +8,14 @@ members' `compare.json` rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import mean
 
 # A study member is known by its preset's architecture name: the preset name without its size
 # suffix ("umoe-att-tiny" -> "umoe-att"), so the same orderings apply to any size family whose
 # presets are named alike.
 SIZE_SUFFIXES = ("-tiny",)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")  # a member given as a config file, not a preset
 
 # A MoLE model counts as "close to" MoE when its perplexity is within this fraction of MoE's.
 CLOSE_REL = 0.02
@@ -45,6 +47,10 @@ ORDERINGS = (
 
 
 def architecture(preset: str) -> str:
+    """The preset's architecture (its name without the size suffix); a config-file member is
+    named by its file stem."""
+    if preset.endswith(CONFIG_SUFFIXES):
+        preset = Path(preset).stem
     for suffix in SIZE_SUFFIXES:
         if preset.endswith(suffix):
             return preset[: -len(suffix)]
