@@ -47,7 +47,9 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("finished earlier, skipping") == 2
     assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*/model.safetensors")}
-    assert json.loads((out / "dense-tiny" / "compare.json").read_text())["row"]["model"] == "dense-tiny"
+    saved = json.loads((out / "dense-tiny" / "compare.json").read_text())["row"]
+    assert saved["model"] == "dense-tiny" and saved["train_s"] > 0
+    assert saved["tokens_per_s"] == pytest.approx(saved["tokens"] / saved["train_s"])
     # --report-only trains nothing: an unfinished preset is named, not trained
     report = argv + ["--report-only"]
     report[report.index("--presets") + 1] = "dense-tiny,sigma-moe-tiny,gated-tiny"

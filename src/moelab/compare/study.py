@@ -137,13 +137,17 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
                           "seeds, token count, data and overrides")
     metrics = {r["model"]: read_metrics(out / r["model"]) for r in rows}
     for r in rows:  # from the metrics, so resumed and older members are timed the same way
-        recs = metrics[r["model"]]
-        r["train_s"] = max(training_clock(recs).values()) if recs else None
-        if r["train_s"]:  # the whole run's rate, not only its last session's
-            r["tokens_per_s"] = r["tokens"] / r["train_s"]
+        r.update(run_timing(metrics[r["model"]], r["tokens"], r["tokens_per_s"]))
     write_results(rows, out, missing=missing)
     plot_curves(out, metrics)
     return rows
+
+
+def run_timing(recs: list[dict], tokens: int, tokens_per_s: float | None) -> dict:
+    """train_s (training-step time summed over every session of the run) and the whole run's
+    tokens/s, from its metrics lines (a resumed run's last session alone would say less)."""
+    train_s = max(training_clock(recs).values()) if recs else None
+    return {"train_s": train_s, "tokens_per_s": tokens / train_s if train_s else tokens_per_s}
 
 
 def _same_key(stored, key: dict) -> bool:
@@ -216,6 +220,7 @@ def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_t
                     device: str = "cpu") -> dict:
     from moelab.eval.perplexity import evaluate_run
     from moelab.eval.zeroshot import run_tasks
+    from moelab.train.metrics import read_metrics
 
     ev = evaluate_run(run_dir, split="val", device=device, max_tokens=eval_tokens)
     zs = run_tasks(run_dir, list(tasks), limit=task_limit, device=device) if tasks else {}
@@ -223,7 +228,7 @@ def evaluate_member(run_dir: Path, cfg, summary: dict, tasks, task_limit, eval_t
     row = {
         "params_total": c["params_total"], "params_active": c["params_active"],
         "macs_per_token": macs_per_token(cfg.model, cfg.train.seq_len), "tokens": summary["tokens"],
-        "tokens_per_s": summary["tokens_per_s"],
+        **run_timing(read_metrics(run_dir), summary["tokens"], summary["tokens_per_s"]),
         "val_loss": math.log(ev["perplexity"]), "val_ppl": ev["perplexity"],
         "cloze_acc": zs.get("cloze", {}).get("acc"),
         "cloze_acc_norm": zs.get("cloze", {}).get("acc_norm"),
