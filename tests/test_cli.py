@@ -71,3 +71,13 @@ def test_info_save_writes_the_resolved_config(tmp_path, capsys):
     assert cfg.model.d_model == 288 and cfg.name == "wide"
     assert main(["info", "--preset", "dense-tiny", "--save", str(tmp_path / "x.txt")]) == 2
     assert "--save" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
+
+
+def test_info_world_shows_training_state_per_process(capsys):
+    assert main(["info", "--preset", "moe-tiny", "--world", "2", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)["training_state"]
+    assert st["world"] == 2 and st["fsdp"]["params"] < st["ep"]["params"] < st["ddp"]["params"]
+    assert main(["info", "--preset", "moe-tiny", "--world", "2"]) == 0
+    assert "training state per process on 2" in capsys.readouterr().out
+    assert main(["info", "--preset", "moe-tiny", "--world", "0"]) == 2
+    assert "--world 0" in capsys.readouterr().err

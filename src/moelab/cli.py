@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="dense preset to compare MACs with (default: the family's "
                                       "dense baseline, e.g. moeut-dense-244m for moeut-244m)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--world", type=int, metavar="W",
+                   help="also show the training state per process (float32 weights, grads and "
+                        "AdamW moments) on W processes under ddp, fsdp and ep")
     p.add_argument("--save", metavar="FILE",
                    help="also write the resolved config (preset + --set) to FILE (.yaml or "
                         ".json): a new combination for `train --config` or `compare --presets`")
@@ -227,6 +230,12 @@ def cmd_info(args) -> int:
         cfg.save(save)
     res = count(cfg.model, batch=args.batch, seq_len=args.seq, full_attention=args.full_attention)
     res = {"name": cfg.name, **res}
+    if args.world is not None:
+        from moelab.train.memory import state_per_rank
+
+        if args.world < 1:
+            raise ConfigError(f"--world {args.world}: expected a positive number of processes")
+        res["training_state"] = {"world": args.world, **state_per_rank(cfg.model, args.world)}
     base_name = args.baseline or dense_baseline(cfg.name)
     if base_name and base_name != cfg.name:
         base = count(load_preset(base_name).model, batch=args.batch, seq_len=res["seq_len"],
@@ -248,6 +257,16 @@ def cmd_info(args) -> int:
           f"{human(res['macs_per_token'])} per token")
     for k, v in sorted(res["components"]["macs"].items(), key=lambda kv: -kv[1]):
         print(f"    {k:24s} {human(v):>9s}  {100 * v / res['macs_forward']:5.1f}%")
+    if "training_state" in res:
+        st = res["training_state"]
+        print(f"  training state per process on {st['world']} (fp32 weights + grads + AdamW; "
+              "activations not included):")
+        for kind in ("ddp", "fsdp", "ep"):
+            if "unavailable" in st[kind]:
+                print(f"    {kind:5s} not possible: {st[kind]['unavailable']}")
+            else:
+                print(f"    {kind:5s} {human(st[kind]['params']):>9s} params  "
+                      f"{st[kind]['bytes'] / 2**20:10,.1f} MiB")
     if "baseline" in res:
         b = res["baseline"]
         print(f"  vs dense baseline {b['name']}: {b['macs_ratio']:.2f}x its forward MACs "
