@@ -351,16 +351,16 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from moelab.config import resolve_config
-    from moelab.train.distributed import is_main, launch
+    from moelab.train.distributed import check_launch, is_main, launch
     from moelab.train.loop import train
-
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch(args.nproc, args.raw_argv)
 
     if args.resume and not (args.preset or args.config) and (Path(args.out) / "config.json").is_file():
         cfg = resolve_config(None, str(Path(args.out) / "config.json"), args.sets)
     else:
         cfg = resolve_config(args.preset, args.config, args.sets)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        check_launch(cfg, args.nproc)
+        return launch(args.nproc, args.raw_argv)
     summary = train(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps,
                     tokens=args.tokens, resume=args.resume, progress=not args.no_progress,
                     device=args.device)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moelab.config import Config
+from moelab.errors import ConfigError
 from moelab.train import checkpoint as ck
 from moelab.train import distributed as ddist
 from moelab.train.loop import train
@@ -186,3 +187,19 @@ def test_fsdp_shards_blocks_only_when_they_are_independent(moe_cfg):
     assert ddist.shard_per_block(MoELM(moe_cfg.model)) == opaque_context
     shared = moe_cfg.with_overrides(["model.n_layers=4", "model.sharing.group_size=2"])
     assert not ddist.shard_per_block(MoELM(shared.model))
+
+
+def test_launcher_checks_before_starting_processes(moe_cfg, tiny_cfg):
+    """Settings that would fail on every rank are one error in the launcher."""
+    ep = moe_cfg.with_overrides(["train.parallel=ep"])
+    ddist.check_launch(ep, 2)  # 4 experts over 2 processes, 8 rows = 2 x 2 micro-batches x 2
+    with pytest.raises(ConfigError, match="batch_size: 8 must be divisible"):
+        ddist.check_launch(moe_cfg, 3)
+    with pytest.raises(ConfigError, match="6 experts, not divisible by 4"):
+        ddist.check_launch(ep.with_overrides(["train.batch_size=16", "model.ffn.n_experts=6",
+                                              "model.ffn.top_k=2"]), 4)
+    with pytest.raises(ConfigError, match="has none"):
+        ddist.check_launch(tiny_cfg("train.parallel=ep"), 2)
+    with pytest.raises(ConfigError, match="float16 with train.parallel fsdp"):
+        ddist.check_launch(moe_cfg.with_overrides(["train.parallel=fsdp",
+                                                   "train.dtype=float16"]), 2)

@@ -51,6 +51,36 @@ def resolve_parallel(train_cfg, explicit: Optional[str] = None) -> str:
     return name
 
 
+def check_batch(batch_size: int, world: int, grad_accum: int) -> None:
+    if batch_size % (world * grad_accum):
+        raise ConfigError(
+            f"train.batch_size: {batch_size} must be divisible by world_size x grad_accum = "
+            f"{world} x {grad_accum} = {world * grad_accum}")
+
+
+def check_dtype(parallel: str, dtype: str) -> None:
+    if parallel in ("fsdp", "ep") and dtype == "float16":
+        raise ConfigError(f"train.dtype float16 with train.parallel {parallel}: the loss scaler "
+                          "would see only this rank's gradient shards; use bfloat16 (or "
+                          "train.parallel ddp)")
+
+
+def check_launch(cfg, nproc: int) -> None:
+    """What the launcher can check before starting `nproc` processes, so a bad setting is one
+    line here rather than the same error from every rank and torchrun's report after them."""
+    tc = cfg.train
+    parallel = resolve_parallel(tc)
+    check_batch(tc.batch_size, nproc, tc.grad_accum)
+    check_dtype(parallel, tc.dtype)
+    if parallel == "ep":
+        from moelab.model import MoELM
+        from moelab.train.expert_parallel import check_placeable, routed_banks
+
+        with torch.device("meta"):  # structure only: no memory, no initialisation cost
+            model = MoELM(cfg.model)
+        check_placeable({n: b.n_experts for n, b in routed_banks(model).items()}, nproc)
+
+
 def is_main() -> bool:
     """Whether this process is rank 0 (or not under torchrun): the one that prints."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -153,10 +183,7 @@ class RankBatches:
         from moelab.data.loader import TokenLoader
 
         parts = env.world_size * grad_accum
-        if batch_size % parts:
-            raise ConfigError(
-                f"train.batch_size: {batch_size} must be divisible by world_size x grad_accum = "
-                f"{env.world_size} x {grad_accum} = {parts}")
+        check_batch(batch_size, env.world_size, grad_accum)
         self.loaders = [TokenLoader(data_dir, split, batch_size, seq_len, seed,
                                     sampling=sampling, rank=i * env.world_size + env.rank,
                                     world_size=parts) for i in range(grad_accum)]

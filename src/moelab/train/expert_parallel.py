@@ -48,6 +48,18 @@ def routed_banks(model: nn.Module) -> dict[str, ExpertBank]:
     return dict(banks.values())
 
 
+def check_placeable(bank_experts: dict[str, int], world: int) -> None:
+    """ConfigError unless there are routed banks and `world` divides each one's expert count."""
+    if not bank_experts:
+        raise ConfigError("train.parallel: 'ep' places routed experts on ranks, and this model "
+                          "has none (MoLE experts run on every token); use ddp or fsdp")
+    for name, n in bank_experts.items():
+        if n % world:
+            raise ConfigError(f"train.parallel: 'ep' with {world} processes: {name} has {n} "
+                              f"experts, not divisible by {world}; choose --nproc dividing the "
+                              "number of experts")
+
+
 def is_shard(p: torch.Tensor) -> bool:
     return getattr(p, EP_MARK, None) is not None
 
@@ -56,14 +68,8 @@ def place_experts(model: nn.Module, rank: int, world: int, group=None) -> list[s
     """Place every routed bank's experts over `world` ranks; returns the parameter names (all
     aliases) of the shards, for DDP to ignore."""
     banks = routed_banks(model)
-    if not banks:
-        raise ConfigError("train.parallel: 'ep' places routed experts on ranks, and this model "
-                          "has none (MoLE experts run on every token); use ddp or fsdp")
+    check_placeable({name: bank.n_experts for name, bank in banks.items()}, world)
     for name, bank in banks.items():
-        if bank.n_experts % world:
-            raise ConfigError(f"train.parallel: 'ep' with {world} processes: {name} has "
-                              f"{bank.n_experts} experts, not divisible by {world}; choose "
-                              "--nproc dividing the number of experts")
         placement = ExpertPlacement(rank, world, bank.n_experts // world, group)
         bank.place(placement)
         for p in bank.parameters():

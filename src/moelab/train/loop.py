@@ -144,10 +144,8 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, tc.seed,
                              rank=env.rank, world_size=env.world_size)
     eval_set = val_loader.eval_batches(tc.eval_batches)
-    if env.parallel in ("fsdp", "ep") and env.active and tc.dtype == "float16":
-        raise ConfigError(f"train.dtype float16 with train.parallel {env.parallel}: the loss "
-                          "scaler would see only this rank's gradient shards; use bfloat16 (or "
-                          "train.parallel ddp)")
+    if env.active:
+        ddist.check_dtype(env.parallel, tc.dtype)
 
     seed_everything(tc.seed)
     model = MoELM(cfg.model).to(dev)
