@@ -128,9 +128,19 @@ class FFNConfig:
     n_shared_experts: int = 0
     shared_expert_dim: Optional[int] = None  # None = expert_dim
     expert_dropout: float = 0.0  # sigma-MoE: drop whole experts from the router's choice
+    # Switch/GShard capacity in training (0 = dropless): an expert takes at most
+    # ceil(capacity_factor * tokens * top_k / n_experts) pairs of a micro-batch; the rest drop
+    capacity_factor: float = 0.0
+    drop_policy: str = "position"  # position: later tokens drop first | score: lowest gates first
 
     def validate(self, p: str) -> None:
         _kind(p + ".kind", self.kind, "FFN")
+        _non_negative(p + ".capacity_factor", self.capacity_factor)
+        _choice(p + ".drop_policy", self.drop_policy, ("position", "score"))
+        if self.capacity_factor and self.kind not in ("moe", "sigma_moe", "umoe_ffn"):
+            raise ConfigError(f"{p}.capacity_factor: {self.capacity_factor} applies to routed "
+                              f"top-k experts (moe, sigma_moe, umoe_ffn), not {self.kind!r}; "
+                              "set it to 0")
         _positive(p + ".d_ff", self.d_ff)
         _choice(p + ".activation", self.activation, ACTIVATIONS)
         _non_negative(p + ".n_experts", self.n_experts)

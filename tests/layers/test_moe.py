@@ -174,3 +174,50 @@ def test_inference_mode_on_the_threaded_engine_path(backend):
     finally:
         set_expert_threads(None)
     assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_capacity_drops_overflowing_pairs_in_training_only(policy):
+    """Training: an expert takes at most ceil(cf * T * k / E) pairs and the dropped pairs'
+    outputs are weighted 0 (the written-out loop over the kept pairs); eval: dropless."""
+    from moelab.ops import build_plan
+    from moelab.ops.plan import within_capacity
+
+    cfg = tiny(*MOE, "model.ffn.capacity_factor=0.5", f"model.ffn.drop_policy={policy}").model
+    torch.manual_seed(0)
+    layer = MoEFFN(cfg, 0).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64)
+    r = layer.router(layer.router_norm(x), ForwardContext())
+    plan = build_plan(r.idx_BTK.reshape(10, 2), 6)
+    keep = within_capacity(plan, 2, r.weights_BTK.reshape(10, 2) if policy == "score" else None)
+    assert 0 < int(keep.sum()) < 20  # ceil(0.5 * 10 * 2 / 6) = 2 pairs per expert
+    ctx = ForwardContext()
+    y = layer.train()(x, ctx)
+    assert float(ctx.metrics["layer0.ffn_router.dropped"]) == pytest.approx(1 - keep.float().mean().item())
+    # the reference with the dropped pairs' router weights set to 0
+    orig = layer.router.forward
+
+    def masked(*a, **kw):
+        out = orig(*a, **kw)
+        out.weights_BTK = out.weights_BTK * keep.view(2, 5, 2)
+        return out
+
+    layer.router.forward = masked
+    y_ref = _reference(layer, x)
+    layer.router.forward = orig
+    torch.testing.assert_close(y, y_ref)
+    layer.eval()
+    torch.testing.assert_close(layer(x, ForwardContext()), _reference(layer, x))  # dropless
+
+
+def test_capacity_config_errors():
+    from moelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        tiny("model.ffn.capacity_factor=1.0")  # the dense FFN has no experts to fill
+    with pytest.raises(ConfigError, match="drop_policy"):
+        tiny(*MOE, "model.ffn.capacity_factor=1.0", "model.ffn.drop_policy=random")
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        tiny(*MOE, "model.ffn.capacity_factor=-1")

@@ -60,3 +60,35 @@ def test_counts_are_lazy_off_cpu_semantics():
     assert plan.counts_E.tolist() == plan.counts() == [1, 2, 0]
     plan._counts = None
     assert plan.counts() == [1, 2, 0] and plan.max_count() == 2
+
+
+def _capacity_by_hand(idx_TK, E, capacity, priority_TK=None):
+    """Walk the pairs in token order (or by priority, highest first), counting per expert."""
+    T, k = idx_TK.shape
+    pairs = [(t, j) for t in range(T) for j in range(k)]
+    if priority_TK is not None:  # stable: equal priorities keep token order
+        pairs.sort(key=lambda tj: -float(priority_TK[tj]))
+    used, keep = [0] * E, torch.zeros(T, k, dtype=torch.bool)
+    for t, j in pairs:
+        e = int(idx_TK[t, j])
+        if used[e] < capacity:
+            keep[t, j], used[e] = True, used[e] + 1
+    return keep
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 3, 100])
+@pytest.mark.parametrize("by_priority", [False, True])
+def test_within_capacity_matches_a_walk_over_the_pairs(capacity, by_priority):
+    from moelab.ops.plan import within_capacity
+
+    torch.manual_seed(capacity)
+    T, E, k = 23, 5, 2
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    idx[:9, 0] = 1  # an over-subscribed expert
+    priority = torch.rand(T, k) if by_priority else None
+    if by_priority:
+        priority[3:6] = 0.5  # ties keep token order
+    got = within_capacity(build_plan(idx, E), capacity, priority)
+    assert torch.equal(got, _capacity_by_hand(idx, E, capacity, priority))
+    counts = torch.bincount(idx[got], minlength=E)
+    assert int(counts.max()) <= capacity

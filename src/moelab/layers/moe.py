@@ -5,6 +5,8 @@ held by several layers (UMoE's attention and FFN, MoEUT's repeats).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -16,6 +18,7 @@ from moelab.layers.init import set_fan_in
 from moelab.layers.norms import make_norm
 from moelab.layers.routers import make_router
 from moelab.ops import build_plan
+from moelab.ops.plan import within_capacity
 from moelab.registry import FFN
 
 
@@ -34,6 +37,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         f, d = cfg.ffn, cfg.d_model
         self.n_experts, self.top_k = f.n_experts, f.top_k
+        self.capacity_factor, self.drop_policy = f.capacity_factor, f.drop_policy
         rcfg = cfg.router if self.router_kind is None else _with_kind(cfg.router, self.router_kind)
         extra = {"expert_dropout": f.expert_dropout} if rcfg.kind == "sigmoid_topk" else {}
         # peri-LN: the router (it feeds a softmax/sigmoid) reads a normed input, experts the raw one
@@ -51,10 +55,22 @@ class MoEFFN(nn.Module):
         r = self.router(self.router_norm(x_BTD), ctx)
         plan = build_plan(r.idx_BTK.reshape(B * T, -1), self.n_experts)
         w_TK = r.weights_BTK.reshape(B * T, -1).to(x_BTD.dtype)
+        if self.training and self.capacity_factor:
+            w_TK = w_TK * self._within_capacity(plan, r.weights_BTK, ctx)
         y_BTD = self.experts(x_BTD.reshape(B * T, D), plan, w_TK).view(B, T, D)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD, ctx)
         return y_BTD
+
+    def _within_capacity(self, plan, weights_BTK: torch.Tensor,
+                         ctx: ForwardContext) -> torch.Tensor:
+        """(T, k) 0/1: the pairs an expert has room for (Switch capacity, training only; the
+        engine still runs the dropped pairs, their outputs are weighted 0)."""
+        capacity = math.ceil(self.capacity_factor * plan.n_pairs / self.n_experts)
+        priority = weights_BTK.reshape(plan.n_tokens, -1) if self.drop_policy == "score" else None
+        keep_TK = within_capacity(plan, capacity, priority)
+        ctx.add_metric(f"{self.router.name}.dropped", 1 - keep_TK.float().mean())
+        return keep_TK.to(weights_BTK.dtype)
 
     @classmethod
     def count(cls, cfg: ModelConfig, T: int, full_attention: bool = False) -> Counts:

@@ -166,3 +166,22 @@ def build_plan(expert_idx_TK: torch.Tensor, n_experts: int) -> RoutingPlan:
     if device.type == "cpu":
         plan._counts = counts_E.tolist()  # free on the host; every CPU backend wants it
     return plan
+
+
+def within_capacity(plan: RoutingPlan, capacity: int,
+                    priority_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, k) bool: whether each (token, slot) pair is among the first `capacity` pairs of its
+    expert. First means in token order (Switch Transformer: later tokens overflow) or, given
+    `priority_TK`, highest priority first (batch prioritized routing, V-MoE)."""
+    S = plan.n_pairs
+    if priority_TK is None:  # the plan's order is already token order inside each expert
+        order_S = plan.order_S
+    else:
+        expert_P = torch.empty_like(plan.expert_S)
+        expert_P[plan.order_S] = plan.expert_S  # expert of every flat pair
+        by_priority = torch.argsort(-priority_TK.reshape(-1).detach(), stable=True)
+        order_S = by_priority[torch.argsort(expert_P[by_priority], stable=True)]
+    rank_S = torch.arange(S, device=plan.device) - plan.offsets_E1[plan.expert_S]
+    keep_P = torch.empty(S, dtype=torch.bool, device=plan.device)
+    keep_P[order_S] = rank_S < capacity
+    return keep_P.view(plan.n_tokens, plan.top_k)
