@@ -198,3 +198,19 @@ def test_balance_bias_headwise_and_errors():
         MoELM(load_preset("mole-tiny").with_overrides(["model.router.bias_rate=0.01"]).model)
     with pytest.raises(ConfigError, match="bias_rate"):
         RouterConfig(bias_rate=-1.0).validate("model.router")
+
+
+def test_balance_bias_with_expert_dropout_keeps_both():
+    r = make_router(3, 6, 2, RouterConfig(kind="sigmoid_topk", bias_rate=0.1), expert_dropout=0.5)
+    torch.nn.init.normal_(r.weight, std=1.0)
+    r.balance_bias_E.copy_(torch.linspace(0, 2.5, 6))
+    r.train()
+    x = torch.randn(4, 5, 3)
+    torch.manual_seed(3)
+    out = r(x, ForwardContext())
+    torch.manual_seed(3)
+    scores = torch.sigmoid(x @ r.weight.t())
+    drop = torch.rand_like(scores) < 0.5
+    expected = (scores + r.balance_bias_E).masked_fill(drop, float("-inf")).topk(2, -1).indices
+    assert torch.equal(out.idx_BTK, expected)
+    torch.testing.assert_close(out.weights_BTK, scores.gather(-1, expected))

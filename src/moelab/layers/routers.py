@@ -135,7 +135,7 @@ class SigmoidTopKRouter(Router):
         sel = scores if bias_E is None else scores + bias_E
         if self.training and self.expert_dropout > 0:
             drop = torch.rand_like(scores) < self.expert_dropout
-            sel = scores.masked_fill(drop, float("-inf"))
+            sel = sel.masked_fill(drop, float("-inf"))
         idx = sel.topk(self.top_k, dim=-1).indices
         return idx, scores.gather(-1, idx)
 
