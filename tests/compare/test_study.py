@@ -172,3 +172,18 @@ def test_config_file_members_join_a_study(tiny_data, tmp_path, capsys):
     cmp[cmp.index("--presets") + 1] = str(tmp_path / "missing.yaml")
     assert main(cmp) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_report_lists_each_preset_matching_once_over_seeds(tmp_path):
+    from moelab.compare.study import COLUMNS, write_results
+
+    rows = []
+    for seed, ppl in ((0, 90.0), (1, 92.0)):
+        row = dict.fromkeys(COLUMNS, 1)
+        row.update(model=f"moe-tiny@s{seed}" if seed else "moe-tiny", preset="moe-tiny",
+                   seed=seed, val_ppl=ppl, dead_experts=0, load_imbalance=1.0,
+                   matched="moe-tiny: unchanged (+0.4% MACs vs reference)")
+        rows.append(row)
+    text = write_results(rows, tmp_path)
+    assert text.count("moe-tiny: unchanged") == 1
+    assert "| moe-tiny | 0,1 | 91.00 |" in text  # the seed table

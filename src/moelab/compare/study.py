@@ -291,7 +291,8 @@ def write_results(rows: list[dict], out: Path, missing: list[str] = ()) -> str:
             f"{_fmt(r['tokens_per_s'], 'i')} | {_fmt(r.get('train_s'), 'i')} | {_fmt(r['val_ppl'], 'f2')} | "
             f"{_fmt(r['cloze_acc'], 'f3')} | {_fmt(r['minpairs_acc'], 'f3')} | "
             f"{_fmt(r['dead_experts'], 'i')} | {_fmt(r['load_imbalance'], 'f2')} |")
-    changes = [r["matched"] for r in rows if r.get("matched")]
+    # one line per preset: its seeds are matched alike
+    changes = list(dict.fromkeys(r["matched"] for r in rows if r.get("matched")))
     if changes:
         lines += ["", "MAC matching:"] + [f"- {c}" for c in changes]
     seeds = seed_table(rows)
