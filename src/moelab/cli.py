@@ -235,7 +235,8 @@ def cmd_info(args) -> int:
 
         if args.world < 1:
             raise ConfigError(f"--world {args.world}: expected a positive number of processes")
-        res["training_state"] = {"world": args.world, **state_per_rank(cfg.model, args.world)}
+        res["training_state"] = {"world": args.world,
+                                 **state_per_rank(cfg.model, args.world, cfg.train.ep_size)}
     base_name = args.baseline or dense_baseline(cfg.name)
     if base_name and base_name != cfg.name:
         base = count(load_preset(base_name).model, batch=args.batch, seq_len=res["seq_len"],

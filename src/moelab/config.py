@@ -275,6 +275,7 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16 | float16
     compile: bool = False
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard) | ep (experts split)
+    ep_size: int = 0  # parallel ep: processes one expert bank is split over (0 = all of them)
     seed: int = 0
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
@@ -286,7 +287,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
             _positive(f"{p}.{name}", getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every",
-                     "min_lr_ratio", "log_every"):
+                     "min_lr_ratio", "log_every", "ep_size"):
             _non_negative(f"{p}.{name}", getattr(self, name))
         _positive(p + ".lr", self.lr)
         if self.batch_size % self.grad_accum:

@@ -31,3 +31,13 @@ def test_ep_needs_a_world_size_dividing_every_bank():
         "unavailable": f"{n} experts are not divisible by {n + 1}"}
     with pytest.raises(ValueError, match="world size 0"):
         state_per_rank(cfg, 0)
+
+
+def test_expert_groups_hold_more_experts_each():
+    cfg = load_preset("moe-tiny").model
+    split = parameter_split(cfg)
+    two = state_per_rank(cfg, 4, ep_size=2)["ep"]["params"]
+    assert two == split["replicated"] + split["experts"] // 2
+    assert two > state_per_rank(cfg, 4)["ep"]["params"]
+    assert state_per_rank(cfg, 4, ep_size=3)["ep"] == {
+        "unavailable": "train.ep_size 3 does not divide 4 processes"}

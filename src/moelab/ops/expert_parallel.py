@@ -32,12 +32,16 @@ from moelab.ops.plan import RoutingPlan, build_plan
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Where a bank's experts live: rank r of `world` holds experts [r*n_local, (r+1)*n_local)."""
+    """Where a bank's experts live: rank r of the `world` ranks of an expert-parallel group holds
+    experts [r*n_local, (r+1)*n_local). With several such groups (`replicas` > 1) every shard
+    has one copy per group; `replica_group` joins the copies (their gradients are summed)."""
 
     rank: int
     world: int
     n_local: int
-    group: Optional[Any] = None  # a torch.distributed process group; None: the default group
+    group: Optional[Any] = None  # the expert-parallel process group; None: the default group
+    replicas: int = 1
+    replica_group: Optional[Any] = None
 
     @property
     def first(self) -> int:

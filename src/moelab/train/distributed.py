@@ -74,11 +74,12 @@ def check_launch(cfg, nproc: int) -> None:
     check_dtype(parallel, tc.dtype)
     if parallel == "ep":
         from moelab.model import MoELM
-        from moelab.train.expert_parallel import check_placeable, routed_banks
+        from moelab.train.expert_parallel import check_ep_size, check_placeable, routed_banks
 
+        ep = check_ep_size(tc.ep_size, nproc)
         with torch.device("meta"):  # structure only: no memory, no initialisation cost
             model = MoELM(cfg.model)
-        check_placeable({n: b.n_experts for n, b in routed_banks(model).items()}, nproc)
+        check_placeable({n: b.n_experts for n, b in routed_banks(model).items()}, ep)
 
 
 def is_main() -> bool:
@@ -96,6 +97,7 @@ class DistEnv:
     parallel: str = "none"  # none | ddp | fsdp | ep
     owns_group: bool = False  # we created the process group, so we destroy it
     wrapped: Optional[nn.Module] = field(default=None, repr=False)  # the DDP / FSDP module
+    ep_group: Optional[object] = field(default=None, repr=False)  # EP: the expert group (None: all)
 
     @property
     def active(self) -> bool:
@@ -202,14 +204,16 @@ class RankBatches:
 # ---------------------------------------------------------------------------------------------
 # model wrapping
 # ---------------------------------------------------------------------------------------------
-def wrap_model(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
-    """DDP, FSDP2 or expert parallelism + DDP around `model` (unchanged for one process)."""
+def wrap_model(model: nn.Module, env: DistEnv, device: torch.device,
+               ep_size: int = 0) -> nn.Module:
+    """DDP, FSDP2 or expert parallelism (over groups of `ep_size` ranks, 0 = all) + DDP around
+    `model` (unchanged for one process)."""
     if not env.active:
         return model
     if env.parallel == "ep":
         from moelab.train import expert_parallel
 
-        env.wrapped = expert_parallel.wrap(model, env, device)
+        env.wrapped = expert_parallel.wrap(model, env, device, ep_size)
         return env.wrapped
     if env.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

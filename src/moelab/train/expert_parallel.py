@@ -1,5 +1,9 @@
 """`train.parallel: ep` under torchrun: expert banks split between the ranks, the rest DDP.
 
+`train.ep_size` (0 = all processes) sets the expert group: ranks [g*ep, (g+1)*ep) hold every
+expert once between them, and with W / ep groups each shard has W / ep copies whose gradients
+are summed after the backward pass (`reduce_replicas`), as DDP does for the replicated rest.
+
 Every routed `ExpertBank` (FFN-MoE, σ-MoE, UMoE's shared bank, MoEUT's repeated banks, each
 placed once however many layers hold it) keeps E / W experts per rank (`ExpertBank.place`); its
 calls move the rows to the owning rank and back (moelab/ops/expert_parallel.py). Everything else
@@ -23,7 +27,7 @@ tables for inference (docs/mole.md).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,44 +64,83 @@ def check_placeable(bank_experts: dict[str, int], world: int) -> None:
                               "number of experts")
 
 
+def check_ep_size(ep_size: int, world: int) -> int:
+    """The expert-group size (`train.ep_size`, 0 = every process); it must divide `world`."""
+    ep = ep_size or world
+    if world % ep:
+        raise ConfigError(f"train.ep_size: {ep} must divide the number of processes {world} "
+                          "(or be 0: one expert group over all of them)")
+    return ep
+
+
 def is_shard(p: torch.Tensor) -> bool:
     return getattr(p, EP_MARK, None) is not None
 
 
-def place_experts(model: nn.Module, rank: int, world: int, group=None) -> list[str]:
-    """Place every routed bank's experts over `world` ranks; returns the parameter names (all
-    aliases) of the shards, for DDP to ignore."""
+def expert_groups(rank: int, world: int, ep_size: int) -> tuple[int, Any, Any]:
+    """(this rank's place in its expert-parallel group, that group, the group of the ranks that
+    hold the same shards). Ranks [g*ep, (g+1)*ep) form expert group g; every rank must call this
+    (process groups are created collectively, in the same order everywhere)."""
+    groups = [dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
+              for g in range(world // ep_size)]
+    replicas = [dist.new_group(list(range(q, world, ep_size))) for q in range(ep_size)]
+    return rank % ep_size, groups[rank // ep_size], replicas[rank % ep_size]
+
+
+def place_experts(model: nn.Module, rank: int, world: int, group=None,
+                  replicas: int = 1, replica_group=None) -> list[str]:
+    """Place every routed bank's experts over the `world` ranks of an expert-parallel group
+    (`rank` is this process's place in it); with `replicas` > 1 such groups hold copies.
+    Returns the parameter names (all aliases) of the shards, for DDP to ignore."""
     banks = routed_banks(model)
     check_placeable({name: bank.n_experts for name, bank in banks.items()}, world)
     for name, bank in banks.items():
-        placement = ExpertPlacement(rank, world, bank.n_experts // world, group)
+        placement = ExpertPlacement(rank, world, bank.n_experts // world, group, replicas,
+                                    replica_group)
         bank.place(placement)
         for p in bank.parameters():
             setattr(p, EP_MARK, placement)
-            p.register_hook(lambda g, w=world: g / w)  # the mean over ranks (module docstring)
+            # the owner's gradient sums its group's rows; / all ranks = the global mean's
+            # (module docstring), once the replicas' parts are added (`reduce_replicas`)
+            p.register_hook(lambda g, w=world * replicas: g / w)
     return [n for n, p in model.named_parameters(remove_duplicate=False) if is_shard(p)]
 
 
-def wrap(model: nn.Module, env, device: torch.device) -> nn.Module:
-    """Place the experts, then DDP over everything else."""
+def wrap(model: nn.Module, env, device: torch.device, ep_size: int = 0) -> nn.Module:
+    """Place the experts (over groups of `ep_size` ranks; 0 = all), then DDP over the rest."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    names = place_experts(model, env.rank, env.world_size)
+    ep = check_ep_size(ep_size, env.world_size)
+    if ep == env.world_size:
+        names = place_experts(model, env.rank, ep)
+    else:
+        ep_rank, env.ep_group, replica_group = expert_groups(env.rank, env.world_size, ep)
+        names = place_experts(model, ep_rank, ep, env.ep_group, env.world_size // ep,
+                              replica_group)
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids)
 
 
-def grad_norm(grads_rep: list[torch.Tensor], grads_ep: list[torch.Tensor],
+def reduce_replicas(params: list[torch.Tensor]) -> None:
+    """Add up the gradients of the copies of every expert shard (one per expert group)."""
+    for p in params:
+        placement = getattr(p, EP_MARK, None)
+        if placement is not None and placement.replicas > 1 and p.grad is not None:
+            dist.all_reduce(p.grad, group=placement.replica_group)
+
+
+def grad_norm(grads_rep: list[torch.Tensor], grads_ep: list[torch.Tensor], group=None,
               foreach: bool = True) -> torch.Tensor:
-    """Global L2 norm: replicated gradients once, plus every rank's expert shards."""
+    """Global L2 norm: replicated gradients once, plus every shard of an expert group (the
+    copies in other groups are equal once `reduce_replicas` has run)."""
     def sq(gs):
         if not gs:
             return torch.zeros((), dtype=torch.float32)
         return torch.nn.utils.get_total_norm(gs, foreach=foreach).float() ** 2
 
     ep_sq = sq(grads_ep).to(grads_ep[0].device if grads_ep else "cpu")
-    dist.all_reduce(ep_sq)
+    dist.all_reduce(ep_sq, group=group)
     rep_sq = sq(grads_rep).to(ep_sq.device)
     return (rep_sq + ep_sq).sqrt()
 

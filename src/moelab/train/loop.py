@@ -151,7 +151,7 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     model = MoELM(cfg.model).to(dev)
     if resume_ckpt is not None:  # before sharding: every rank loads the same full weights
         ckpt_io.load_weights(model, resume_ckpt)
-    wrapped = ddist.wrap_model(model, env, dev)
+    wrapped = ddist.wrap_model(model, env, dev, ep_size=tc.ep_size)
     routing = ddist.GlobalRouting(model, env) if env.active else None
     optimizer = build_optimizer(model, tc)
     schedule = Schedule(optimizer, tc, n_total)

@@ -6,7 +6,8 @@ gradients and AdamW's two float32 moments: 16 bytes per parameter held. What a p
   ddp   every parameter
   fsdp  1/W of every parameter at rest (plus one gathered unit while it computes: the whole
         model while blocks are not sharded on their own, docs/distributed.md)
-  ep    every replicated parameter, and E/W experts of every routed expert bank
+  ep    every replicated parameter, and E/G experts of every routed expert bank (G =
+        train.ep_size, the processes of an expert group; all W by default)
 Activations depend on batch, sequence length and the backend's saved tensors; they are not
 estimated here (measure them: `torch.cuda.max_memory_allocated` in a training step).
 """
@@ -36,10 +37,10 @@ def parameter_split(cfg: ModelConfig) -> dict:
             "bank_experts": sorted({b.n_experts for b in banks.values()})}
 
 
-def state_per_rank(cfg: ModelConfig, world: int) -> dict[str, dict]:
+def state_per_rank(cfg: ModelConfig, world: int, ep_size: int = 0) -> dict[str, dict]:
     """{parallel: {"params": held per rank, "bytes": weights + grads + AdamW}} for ddp, fsdp and
-    ep; ep is {"unavailable": why} when the model has no routed bank or `world` does not divide
-    a bank's expert count."""
+    ep over expert groups of `ep_size` processes (0 = all); ep is {"unavailable": why} when the
+    model has no routed bank or the group size does not divide `world` or a bank's experts."""
     if world < 1:
         raise ValueError(f"world size {world}: expected a positive number of processes")
     split = parameter_split(cfg)
@@ -49,11 +50,14 @@ def state_per_rank(cfg: ModelConfig, world: int) -> dict[str, dict]:
         return {"params": n, "bytes": n * per_param}
 
     out = {"ddp": held(split["total"]), "fsdp": held(math.ceil(split["total"] / world))}
-    odd = [e for e in split["bank_experts"] if e % world]
+    ep = ep_size or world
+    odd = [e for e in split["bank_experts"] if e % ep]
     if not split["experts"]:
         out["ep"] = {"unavailable": "no routed expert bank"}
+    elif world % ep:
+        out["ep"] = {"unavailable": f"train.ep_size {ep} does not divide {world} processes"}
     elif odd:
-        out["ep"] = {"unavailable": f"{odd[0]} experts are not divisible by {world}"}
+        out["ep"] = {"unavailable": f"{odd[0]} experts are not divisible by {ep}"}
     else:
-        out["ep"] = held(split["replicated"] + split["experts"] // world)
+        out["ep"] = held(split["replicated"] + split["experts"] // ep)
     return out

@@ -83,10 +83,12 @@ def _stats(out) -> tuple[list[str], torch.Tensor]:
 
 def _grad_norm(params: list[torch.Tensor], grad_clip: float, dist=None) -> torch.Tensor:
     if dist is not None and dist.parallel == "ep":  # expert shards differ between ranks
-        from moelab.train.expert_parallel import grad_norm, is_shard
+        from moelab.train.expert_parallel import grad_norm, is_shard, reduce_replicas
 
-        norm = grad_norm([p.grad for p in params if not is_shard(p)],
-                         [p.grad for p in params if is_shard(p)])
+        shards = [p for p in params if is_shard(p)]
+        reduce_replicas(shards)
+        norm = grad_norm([p.grad for p in params if not is_shard(p)], [p.grad for p in shards],
+                         group=dist.ep_group)
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
         return norm
