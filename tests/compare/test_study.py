@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -56,10 +57,16 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(report) == 0
     log = capsys.readouterr().out
-    assert "gated-tiny: not finished, left out of the report" in log
+    assert "gated-tiny: not started, left out of the report" in log
     assert not (out / "gated-tiny").exists()
     table = (out / "results.md").read_text()
-    assert "Not finished, so not in this table: gated-tiny." in table
+    assert "Not finished, so not in this table: gated-tiny (not started)." in table
+    (out / "gated-tiny").mkdir()  # a member that has begun training (metrics, no compare.json)
+    (out / "gated-tiny" / "metrics.jsonl").write_text("")
+    assert main(report) == 0
+    assert "gated-tiny: not finished, left out of the report" in capsys.readouterr().out
+    assert "Not finished, so not in this table: gated-tiny." in (out / "results.md").read_text()
+    shutil.rmtree(out / "gated-tiny")
     # no ordering of the papers pairs sigma-moe with dense, so all are listed as untested
     assert "The papers' orderings" not in table and "not tested" in table and "gated < dense" in table
     # ... and with nothing finished it is a one-line error, not an empty report
@@ -67,7 +74,6 @@ def test_compare_two_presets_end_to_end_and_resume(tiny_data, tmp_path, capsys):
     assert main(report) == 2
     assert "no finished member" in capsys.readouterr().err
     # the same data prepared elsewhere (same shard checksums) still counts as finished
-    import shutil
     moved = tmp_path / "data-elsewhere"
     shutil.copytree(tiny_data, moved)
     argv[argv.index(str(tiny_data))] = str(moved)

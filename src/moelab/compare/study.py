@@ -99,8 +99,9 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
             _say(f"{name}: finished earlier, skipping")
             rows[name] = json.loads(done.read_text())["row"]
         elif report_only:
-            _say(f"{name}: not finished, left out of the report")
-            missing.append(name)
+            started = (out / name / "metrics.jsonl").is_file()
+            _say(f"{name}: {'not finished' if started else 'not started'}, left out of the report")
+            missing.append(name if started else f"{name} (not started)")
         else:
             todo.append(Member(name, preset, seed, cfg, matched, key, steps))
             rows[name] = None  # keeps the study's order
