@@ -59,13 +59,14 @@ def _assert_same(ref, run, steps):
             assert gv[s][k] == pytest.approx(rv[s][k], **TOL), (s, k)
 
 
-def _torchrun(cfg: Config, data, out, parallel: str, *extra: str) -> None:
+def _torchrun(cfg: Config, data, out, parallel: str, *extra: str, nproc: int = 2) -> None:
     cfg_file = out.parent / f"{out.name}.yaml"
     cfg.with_overrides([f"train.parallel={parallel}"]).save(cfg_file)
     argv = ["train", "--config", str(cfg_file), "--data", str(data), "--out", str(out),
-            "--steps", str(STEPS), "--device", "cpu", "--no-progress", "--nproc", "2", *extra]
+            "--steps", str(STEPS), "--device", "cpu", "--no-progress", "--nproc", str(nproc),
+            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    assert ddist.launch(2, argv, env=env) == 0
+    assert ddist.launch(nproc, argv, env=env) == 0
 
 
 @pytest.fixture(scope="module")

@@ -85,18 +85,12 @@ def test_ep_umoe_shared_bank_two_processes_equal_one(tiny_data, tiny_cfg, tmp_pa
 def test_two_expert_groups_of_two_on_four_processes_equal_one(tiny_data, tiny_cfg, tmp_path):
     """train.ep_size=2 on 4 processes: two expert groups each holding every expert once, the
     shards' copies summed over groups; the same run as one process."""
-    import os
-
     from moelab.train import distributed as ddist
 
     cfg = tiny_cfg(*MOE)
     ref = _reference(cfg, tiny_data, tmp_path / "ref")
     run = tmp_path / "ep4"
-    cfg_file = tmp_path / "ep4.yaml"
-    cfg.with_overrides(["train.parallel=ep", "train.ep_size=2"]).save(cfg_file)
-    argv = ["train", "--config", str(cfg_file), "--data", str(tiny_data), "--out", str(run),
-            "--steps", str(STEPS), "--device", "cpu", "--no-progress", "--nproc", "4"]
-    assert ddist.launch(4, argv, env={**os.environ, "OMP_NUM_THREADS": "1"}) == 0
+    _torchrun(cfg.with_overrides(["train.ep_size=2"]), tiny_data, run, "ep", nproc=4)
     _assert_same(ref, run, range(1, STEPS + 1))
     _same_weights(ref, run)
     with pytest.raises(ConfigError, match="ep_size: 3 must divide the number of processes 4"):

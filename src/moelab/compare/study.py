@@ -95,9 +95,10 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         key = {"steps": steps, "config": cfg.to_dict()["model"], "seed": seed,
                "data": data_identity(data_dir)}
         done = out / name / "compare.json"
-        if done.is_file() and _same_key(json.loads(done.read_text()).get("key"), key):
+        saved = json.loads(done.read_text()) if done.is_file() else {}
+        if _same_key(saved.get("key"), key):
             _say(f"{name}: finished earlier, skipping")
-            rows[name] = json.loads(done.read_text())["row"]
+            rows[name] = saved["row"]
         elif report_only:
             started = (out / name / "metrics.jsonl").is_file()
             _say(f"{name}: {'not finished' if started else 'not started'}, left out of the report")

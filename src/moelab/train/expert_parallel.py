@@ -38,6 +38,7 @@ from moelab.layers.experts import ExpertBank
 from moelab.ops.expert_parallel import ExpertPlacement
 
 EP_MARK = "_moelab_expert_shard"  # attribute set on a placed parameter: its ExpertPlacement
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state shaped like its parameter: sharded with it
 
 
 def routed_banks(model: nn.Module) -> dict[str, ExpertBank]:
@@ -60,8 +61,8 @@ def check_placeable(bank_experts: dict[str, int], world: int) -> None:
     for name, n in bank_experts.items():
         if n % world:
             raise ConfigError(f"train.parallel: 'ep' with {world} processes: {name} has {n} "
-                              f"experts, not divisible by {world}; choose --nproc dividing the "
-                              "number of experts")
+                              f"experts, not divisible by {world}; choose --nproc (or "
+                              "train.ep_size) dividing the number of experts")
 
 
 def check_ep_size(ep_size: int, world: int) -> int:
@@ -169,10 +170,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
             continue
         placement = getattr(p, EP_MARK)
         full_param[id(p)] = _gather(p.detach(), placement)
-        full_opt["state"][i] = {
-            k: _gather(v if k in state else torch.zeros_like(p), placement)
-            if k in ("exp_avg", "exp_avg_sq") else v for k, v in
-            {"exp_avg": None, "exp_avg_sq": None, **state}.items()}
+        # every rank gathers both moments in this order (zeros if it has none yet)
+        moments = {k: _gather(state[k] if k in state else torch.zeros_like(p), placement)
+                   for k in MOMENTS}
+        full_opt["state"][i] = {**state, **moments}
     if not is_main:
         return None, None
     weights = {n: full_param.get(id(p), p.detach()).cpu().contiguous()
@@ -191,6 +192,6 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> dict
         p = params[int(i)]
         if is_shard(p):
             sl = getattr(p, EP_MARK).local_slice()
-            s = {k: v[sl].clone() if k in ("exp_avg", "exp_avg_sq") else v for k, v in s.items()}
+            s = {k: v[sl].clone() if k in MOMENTS else v for k, v in s.items()}
         state[i] = s
     return {"state": state, "param_groups": saved["param_groups"]}

@@ -89,17 +89,15 @@ def _grad_norm(params: list[torch.Tensor], grad_clip: float, dist=None) -> torch
         reduce_replicas(shards)
         norm = grad_norm([p.grad for p in params if not is_shard(p)], [p.grad for p in shards],
                          group=dist.ep_group)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
-        return norm
-    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 (never sharded here)
+    elif not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 (never sharded here)
         if grad_clip > 0:
             return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
         grads = [p.grad for p in params]
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
-        norm = norm.full_tensor()
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+            norm = norm.full_tensor()
     if grad_clip > 0:  # what clip_grad_norm_ does, with the full norm
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
     return norm
