@@ -5,24 +5,23 @@
 Configs load from and save to YAML or JSON; named presets live in `moelab/presets/*.yaml`.
 
 Every mistake a user can make raises `ConfigError` naming the field (dotted path), the value and
-what is allowed; an unknown key also names the closest valid key.
+what is allowed; an unknown key also names the closest valid key (the parsing and checks are
+in `moelab/config_parsing.py`).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional
 
 import yaml
 
+from moelab.config_parsing import (build, check_choice, check_kind, check_non_negative,
+                                   check_positive, divisors, read_mapping, set_dotted)
 from moelab.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu", "relu")
@@ -45,8 +44,8 @@ class GateConfig:
     granularity: str = "elementwise"  # "headwise" = one scalar per head
 
     def validate(self, p: str) -> None:
-        _choice(p + ".position", self.position, GATE_POSITIONS)
-        _choice(p + ".granularity", self.granularity, GATE_GRANULARITIES)
+        check_choice(p + ".position", self.position, GATE_POSITIONS)
+        check_choice(p + ".granularity", self.granularity, GATE_GRANULARITIES)
 
 
 @dataclass
@@ -70,14 +69,14 @@ class AttentionConfig:
     entropy_coef: Optional[float] = None  # attention routers' entropy coefficient (MoEUT: 0.001)
 
     def validate(self, p: str, d_model: int) -> None:
-        _kind(p + ".kind", self.kind, "ATTENTION")
-        _positive(p + ".n_heads", self.n_heads)
+        check_kind(p + ".kind", self.kind, "ATTENTION")
+        check_positive(p + ".n_heads", self.n_heads)
         kv = self.kv_heads
-        _positive(p + ".n_kv_heads", kv)
+        check_positive(p + ".n_kv_heads", kv)
         if self.n_heads % kv:
             raise ConfigError(
                 f"{p}.n_kv_heads: {kv} must divide n_heads={self.n_heads} "
-                f"(allowed: {', '.join(str(k) for k in _divisors(self.n_heads))})"
+                f"(allowed: {', '.join(str(k) for k in divisors(self.n_heads))})"
             )
         if self.head_dim is None and d_model % self.n_heads:
             raise ConfigError(
@@ -85,21 +84,21 @@ class AttentionConfig:
                 f"choose a divisor of {d_model} or set {p}.head_dim"
             )
         if self.head_dim is not None:
-            _positive(p + ".head_dim", self.head_dim)
+            check_positive(p + ".head_dim", self.head_dim)
         if not (0.0 <= self.rope_fraction <= 1.0):
             raise ConfigError(f"{p}.rope_fraction: {self.rope_fraction} must be in [0, 1]")
-        _positive(p + ".rope_theta", self.rope_theta)
+        check_positive(p + ".rope_theta", self.rope_theta)
         self.gate.validate(p + ".gate")
-        _non_negative(p + ".n_experts", self.n_experts)
-        _non_negative(p + ".top_k", self.top_k)
-        _non_negative(p + ".n_shared_experts", self.n_shared_experts)
-        _non_negative(p + ".q_rank", self.q_rank)
+        check_non_negative(p + ".n_experts", self.n_experts)
+        check_non_negative(p + ".top_k", self.top_k)
+        check_non_negative(p + ".n_shared_experts", self.n_shared_experts)
+        check_non_negative(p + ".q_rank", self.q_rank)
         if self.expert_dim is not None:
-            _positive(p + ".expert_dim", self.expert_dim)
+            check_positive(p + ".expert_dim", self.expert_dim)
         if self.router_kind is not None:
-            _kind(p + ".router_kind", self.router_kind, "ROUTER")
+            check_kind(p + ".router_kind", self.router_kind, "ROUTER")
         if self.entropy_coef is not None:
-            _non_negative(p + ".entropy_coef", self.entropy_coef)
+            check_non_negative(p + ".entropy_coef", self.entropy_coef)
         if self.n_experts and self.top_k > self.n_experts:
             raise ConfigError(
                 f"{p}.top_k: {self.top_k} is above n_experts={self.n_experts} "
@@ -134,21 +133,21 @@ class FFNConfig:
     drop_policy: str = "position"  # position: later tokens drop first | score: lowest gates first
 
     def validate(self, p: str) -> None:
-        _kind(p + ".kind", self.kind, "FFN")
-        _non_negative(p + ".capacity_factor", self.capacity_factor)
-        _choice(p + ".drop_policy", self.drop_policy, ("position", "score"))
+        check_kind(p + ".kind", self.kind, "FFN")
+        check_non_negative(p + ".capacity_factor", self.capacity_factor)
+        check_choice(p + ".drop_policy", self.drop_policy, ("position", "score"))
         if self.capacity_factor and self.kind not in ("moe", "sigma_moe", "umoe_ffn"):
             raise ConfigError(f"{p}.capacity_factor: {self.capacity_factor} applies to routed "
                               f"top-k experts (moe, sigma_moe, umoe_ffn), not {self.kind!r}; "
                               "set it to 0")
-        _positive(p + ".d_ff", self.d_ff)
-        _choice(p + ".activation", self.activation, ACTIVATIONS)
-        _non_negative(p + ".n_experts", self.n_experts)
-        _non_negative(p + ".top_k", self.top_k)
-        _positive(p + ".expert_dim", self.expert_dim)
-        _non_negative(p + ".n_shared_experts", self.n_shared_experts)
+        check_positive(p + ".d_ff", self.d_ff)
+        check_choice(p + ".activation", self.activation, ACTIVATIONS)
+        check_non_negative(p + ".n_experts", self.n_experts)
+        check_non_negative(p + ".top_k", self.top_k)
+        check_positive(p + ".expert_dim", self.expert_dim)
+        check_non_negative(p + ".n_shared_experts", self.n_shared_experts)
         if self.shared_expert_dim is not None:
-            _positive(p + ".shared_expert_dim", self.shared_expert_dim)
+            check_positive(p + ".shared_expert_dim", self.shared_expert_dim)
         if self.n_experts and self.top_k > self.n_experts:
             raise ConfigError(
                 f"{p}.top_k: {self.top_k} is above n_experts={self.n_experts} "
@@ -174,9 +173,9 @@ class RouterConfig:
     bias_rate: float = 0.0
 
     def validate(self, p: str) -> None:
-        _kind(p + ".kind", self.kind, "ROUTER")
+        check_kind(p + ".kind", self.kind, "ROUTER")
         for name in ("jitter", "switch_coef", "seq_coef", "entropy_coef", "z_coef", "bias_rate"):
-            _non_negative(f"{p}.{name}", getattr(self, name))
+            check_non_negative(f"{p}.{name}", getattr(self, name))
 
 
 @dataclass
@@ -186,11 +185,11 @@ class SharingConfig:
     group_size: int = 0  # 0 = no sharing (every layer distinct)
 
     def validate(self, p: str, n_layers: int) -> None:
-        _non_negative(p + ".group_size", self.group_size)
+        check_non_negative(p + ".group_size", self.group_size)
         if self.group_size and n_layers % self.group_size:
             raise ConfigError(
                 f"{p}.group_size: {self.group_size} must divide model.n_layers={n_layers} "
-                f"(allowed: {', '.join(str(k) for k in _divisors(n_layers))})"
+                f"(allowed: {', '.join(str(k) for k in divisors(n_layers))})"
             )
 
 
@@ -201,9 +200,9 @@ class NormConfig:
     scheme: str = "pre"  # pre-LN, or MoEUT's peri-LN
 
     def validate(self, p: str) -> None:
-        _kind(p + ".kind", self.kind, "NORM")
-        _positive(p + ".eps", self.eps)
-        _choice(p + ".scheme", self.scheme, NORM_SCHEMES)
+        check_kind(p + ".kind", self.kind, "NORM")
+        check_positive(p + ".eps", self.eps)
+        check_choice(p + ".scheme", self.scheme, NORM_SCHEMES)
 
 
 @dataclass
@@ -212,8 +211,8 @@ class InitConfig:
     std: float = 0.02
 
     def validate(self, p: str) -> None:
-        _choice(p + ".scheme", self.scheme, INIT_SCHEMES)
-        _positive(p + ".std", self.std)
+        check_choice(p + ".scheme", self.scheme, INIT_SCHEMES)
+        check_positive(p + ".std", self.std)
 
 
 @dataclass
@@ -232,11 +231,11 @@ class ModelConfig:
     init: InitConfig = field(default_factory=InitConfig)
 
     def validate(self, p: str = "model") -> "ModelConfig":
-        _positive(p + ".vocab_size", self.vocab_size)
-        _positive(p + ".d_model", self.d_model)
-        _positive(p + ".n_layers", self.n_layers)
-        _positive(p + ".max_seq_len", self.max_seq_len)
-        _choice(p + ".moe_backend", self.moe_backend, MOE_BACKENDS)
+        check_positive(p + ".vocab_size", self.vocab_size)
+        check_positive(p + ".d_model", self.d_model)
+        check_positive(p + ".n_layers", self.n_layers)
+        check_positive(p + ".max_seq_len", self.max_seq_len)
+        check_choice(p + ".moe_backend", self.moe_backend, MOE_BACKENDS)
         self.attention.validate(p + ".attention", self.d_model)
         self.ffn.validate(p + ".ffn")
         self.router.validate(p + ".router")
@@ -285,11 +284,11 @@ class TrainConfig:
 
     def validate(self, p: str = "train") -> "TrainConfig":
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
-            _positive(f"{p}.{name}", getattr(self, name))
+            check_positive(f"{p}.{name}", getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every",
                      "min_lr_ratio", "log_every", "ep_size"):
-            _non_negative(f"{p}.{name}", getattr(self, name))
-        _positive(p + ".lr", self.lr)
+            check_non_negative(f"{p}.{name}", getattr(self, name))
+        check_positive(p + ".lr", self.lr)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"{p}.grad_accum: {self.grad_accum} must divide train.batch_size={self.batch_size}"
@@ -300,8 +299,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise ConfigError(f"{p}.{name}: {v} must be in [0, 1)")
-        _choice(p + ".dtype", self.dtype, DTYPES)
-        _choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
+        check_choice(p + ".dtype", self.dtype, DTYPES)
+        check_choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
         return self
 
 
@@ -311,7 +310,7 @@ class DataConfig:
     sampling: str = "random"  # random windows | packed (contiguous, epoch-ordered)
 
     def validate(self, p: str = "data") -> "DataConfig":
-        _choice(p + ".sampling", self.sampling, ("random", "packed"))
+        check_choice(p + ".sampling", self.sampling, ("random", "packed"))
         return self
 
 
@@ -339,7 +338,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return _build(cls, d, "").validate()
+        return build(cls, d, "").validate()
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -349,7 +348,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_dict(_read_mapping(Path(path)))
+        return cls.from_dict(read_mapping(Path(path)))
 
     def with_overrides(self, sets: list[str]) -> "Config":
         """Apply `--set key=value` overrides (dotted keys, YAML values) and re-validate."""
@@ -358,12 +357,12 @@ class Config:
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=8")
             key, raw = item.split("=", 1)
-            _set_dotted(d, key.strip(), yaml.safe_load(raw))
+            set_dotted(d, key.strip(), yaml.safe_load(raw))
         return Config.from_dict(d)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    return _build(ModelConfig, d, "model").validate("model")
+    return build(ModelConfig, d, "model").validate("model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,130 +402,7 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
     return cfg.with_overrides(sets or [])
 
 
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-def _read_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {path}: not found")
-    try:
-        text = path.read_text()
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {path}: cannot parse ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    # A bare model config (e.g. a checkpoint's config.json holds the whole Config) is accepted.
-    if "model" not in d and any(k in d for k in ("d_model", "n_layers", "attention", "ffn")):
-        d = {"model": d}
-    return d
-
-
 def model_config_dict(d: dict) -> dict:
     """A stored model config (e.g. from an older moelab) as this version spells it: fields added
     since then take their defaults. ConfigError if it does not parse any more."""
-    return dataclasses.asdict(_build(ModelConfig, d, "model"))
-
-
-def _build(cls, d: Any, path: str):
-    """Build dataclass `cls` from a mapping, checking keys and types."""
-    where = path or "config"
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__} {d!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown key '{full}'{hint} (valid keys of {where}: {', '.join(fields)})"
-            )
-        kwargs[key] = _coerce(hints[key], value, full)
-    return cls(**kwargs)
-
-
-def _coerce(tp, value, path: str):
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()
-        ):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    return copy.deepcopy(value)
-
-
-def _set_dotted(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    cur = d
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(cur, dict) or part not in cur:
-            valid = ", ".join(cur) if isinstance(cur, dict) else ""
-            close = difflib.get_close_matches(part, list(cur) if isinstance(cur, dict) else [], n=1)
-            hint = f"; did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
-            raise ConfigError(f"--set {key}: unknown key '{'.'.join(parts[:i + 1])}'{hint} "
-                              f"(valid: {valid})")
-        cur = cur[part]
-    if not isinstance(cur, dict):
-        raise ConfigError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a section")
-    cur[parts[-1]] = value  # unknown leaf keys are reported by _build with a suggestion
-
-
-def _choice(path: str, value, allowed) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}: {value!r} is not allowed{hint}; allowed: {', '.join(allowed)}")
-
-
-def _kind(path: str, value: str, registry_name: str) -> None:
-    import moelab.registry as reg
-
-    registry = getattr(reg, registry_name)
-    if value not in registry:
-        _choice(path, value, registry.names())
-
-
-def _positive(path: str, value) -> None:
-    if value is None or value <= 0:
-        raise ConfigError(f"{path}: {value!r} must be a positive number")
-
-
-def _non_negative(path: str, value) -> None:
-    if value is None or value < 0:
-        raise ConfigError(f"{path}: {value!r} must be >= 0")
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    return dataclasses.asdict(build(ModelConfig, d, "model"))
