@@ -121,3 +121,29 @@ def test_config_differences_names_leaves():
     diffs = ck.config_differences(a["model"], b["model"], "model.")
     assert diffs == ["model.attention.gate.position: checkpoint 'none', given 'sdpa'",
                      "model.d_model: checkpoint 192, given 128"]
+
+
+def test_alias_free_weights_matches_a_single_process_checkpoint(tmp_path):
+    """The weights FSDP/EP gather for rank 0's checkpoint have the names, shapes and values the
+    single-process writer stores: a tied head once, non-persistent buffers left out."""
+    from safetensors.torch import load_file
+
+    model, cfg = _model()
+    assert cfg.model.tie_embeddings
+    model.register_buffer("extra_B", torch.arange(3.0))  # kept
+    model.register_buffer("scratch_B", torch.ones(2), persistent=False)  # left out
+    written = load_file(str(ck.write_checkpoint(tmp_path, 1, model, cfg) / "model.safetensors"))
+    doubled = ck.alias_free_weights(model, model.state_dict(), lambda name, t: 2 * t)
+    assert doubled.keys() == written.keys()
+    assert "extra_B" in doubled and "scratch_B" not in doubled
+    for name, t in written.items():
+        torch.testing.assert_close(doubled[name], 2 * t, rtol=0, atol=0)
+        assert doubled[name].is_contiguous() and not doubled[name].requires_grad
+    # a checkpoint written from it loads into a plain model
+    ckpt = ck.write_checkpoint(tmp_path, 2, model, cfg, state_dict=ck.alias_free_weights(
+        model, model.state_dict(), lambda name, t: t))
+    fresh, _ = _model()
+    fresh.register_buffer("extra_B", torch.zeros(3))
+    ck.load_weights(fresh, ckpt)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

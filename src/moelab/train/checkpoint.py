@@ -86,6 +86,17 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
     return final
 
 
+def alias_free_weights(model: torch.nn.Module, persistent_buffers, full_tensor) -> dict:
+    """The weights a single-process checkpoint holds, for a model whose tensors are shards:
+    every parameter once, by its first name (a tied head is stored as the embedding), then the
+    persistent buffers named in `persistent_buffers`; `full_tensor(name, tensor)` gives the whole
+    tensor to store (gathered by FSDP or expert parallelism). On the CPU, contiguous."""
+    weights = {n: full_tensor(n, p) for n, p in model.named_parameters()}
+    weights.update({n: full_tensor(n, b) for n, b in model.named_buffers()
+                    if n in persistent_buffers})
+    return {n: t.detach().cpu().contiguous() for n, t in weights.items()}
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its newest checkpoint)."""
     path = Path(path)

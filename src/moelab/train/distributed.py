@@ -374,9 +374,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if not env.is_main:
         return None, None
-    names = [n for n, _ in model.named_parameters()]
-    names += [n for n, _ in model.named_buffers() if n in model_sd]
-    weights = {n: model_sd[n].contiguous() for n in names}
+    from moelab.train.checkpoint import alias_free_weights
+
+    weights = alias_free_weights(model, model_sd, lambda name, _: model_sd[name])
     return weights, _fqn_to_indexed(optim_sd, _param_names(model, optimizer))
 
 

@@ -176,11 +176,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         full_opt["state"][i] = {**state, **moments}
     if not is_main:
         return None, None
-    weights = {n: full_param.get(id(p), p.detach()).cpu().contiguous()
-               for n, p in model.named_parameters()}
-    state_dict = model.state_dict()
-    weights.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers()
-                    if n in state_dict})
+    from moelab.train.checkpoint import alias_free_weights
+
+    weights = alias_free_weights(model, model.state_dict(),
+                                 lambda _, t: full_param.get(id(t), t))
     return weights, full_opt
 
 
