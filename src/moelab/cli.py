@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several architectures side by side at matched compute")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--presets", help="comma-separated preset names or YAML/JSON config files "
-                                     "(a file member is named by its stem)")
+                                     "(a file member is named by its stem); NAME@sN trains "
+                                     "that member at seed N only, whatever --seeds says")
     g.add_argument("--all-tiny", action="store_true", help="every *-tiny preset")
     p.add_argument("--data", required=True, help="directory written by `moelab data prepare`")
     p.add_argument("--tokens", type=int, required=True, help="training tokens per model")

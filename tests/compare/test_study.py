@@ -193,3 +193,45 @@ def test_report_lists_each_preset_matching_once_over_seeds(tmp_path):
     text = write_results(rows, tmp_path)
     assert text.count("moe-tiny: unchanged") == 1
     assert "| moe-tiny | 0,1 | 91.00 |" in text  # the seed table
+
+
+def test_study_members_take_a_seed_of_their_own():
+    from moelab.compare.study import study_members
+    from moelab.errors import ConfigError
+
+    # seed-major; SPEC@sN adds one member at seed N; a pair given twice counts once
+    specs = ["dense-tiny", "moe-tiny", "moe-tiny@s1", "x.yaml@s2", "dense-tiny@s0", "a@s1.yaml"]
+    assert study_members(specs, (0,)) == [
+        ("dense-tiny", 0), ("moe-tiny", 0), ("a@s1.yaml", 0), ("moe-tiny", 1), ("x.yaml", 2)]
+    assert study_members(["moe-tiny", "dense-tiny@s1"], (1, 0)) == [
+        ("moe-tiny", 1), ("dense-tiny", 1), ("moe-tiny", 0)]
+    assert study_members(["moe-tiny@s3"], ()) == [("moe-tiny", 3)]
+    with pytest.raises(ConfigError, match="moe-tiny has no seed"):
+        study_members(["moe-tiny"], ())
+
+
+def test_a_second_seed_for_some_members_only(tiny_data, tmp_path, capsys):
+    """`--presets a,a@s1` trains a at seeds 0 and 1 and nothing else; the report over
+    `a,a@s1,b@s1` names b@s1 alone as unfinished, not every preset at every seed."""
+    from train.conftest import TINY
+
+    argv = ["compare", "--presets", "dense-tiny,dense-tiny@s1", "--data", str(tiny_data),
+            "--tokens", str(8 * 64 * 2), "--out", str(tmp_path / "cmp"), "--tasks", "",
+            "--no-progress"]
+    for s in [s for s in TINY if not s.startswith("model.ffn")] + ["train.save_every=100"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    out = tmp_path / "cmp"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["model"], r["seed"]) for r in rows] == [("dense-tiny", "0"), ("dense-tiny@s1", "1")]
+    first = json.loads((out / "dense-tiny@s1" / "config.json").read_text())
+    assert first["train"]["seed"] == 1
+    report = argv + ["--report-only"]
+    report[report.index("--presets") + 1] = "dense-tiny,dense-tiny@s1,gated-tiny@s1"
+    capsys.readouterr()
+    assert main(report) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, skipping") == 2
+    table = (out / "results.md").read_text()
+    assert "Not finished, so not in this table: gated-tiny@s1 (not started)." in table
+    assert "| dense-tiny | 0,1 |" in table  # the seed table

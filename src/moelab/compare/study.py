@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,26 @@ def load_member(spec: str) -> tuple[str, Config]:
     return spec, load_preset(spec)
 
 
+SEED_SUFFIX = re.compile(r"^(?P<spec>.+)@s(?P<seed>\d+)$")
+
+
+def study_members(specs: list[str], seeds: tuple[int, ...]) -> list[tuple[str, int]]:
+    """The study's (member spec, seed) pairs, seed-major (every member at the first seed before
+    any at the second). A spec trains at every seed of `seeds`; written `SPEC@sN` it trains at
+    seed N only, so a second seed can be given to a study's close pairs alone. A pair given
+    twice counts once."""
+    wanted: list[tuple[str, int]] = []
+    for spec in specs:
+        m = SEED_SUFFIX.match(spec)
+        if not m and not seeds:
+            raise ConfigError(f"compare: {spec} has no seed: --seeds is empty and the member is "
+                              f"not written {spec}@sN")
+        pairs = [(m["spec"], int(m["seed"]))] if m else [(spec, s) for s in seeds]
+        wanted += [p for p in pairs if p not in wanted]
+    order = list(dict.fromkeys([*seeds, *(s for _, s in wanted)]))
+    return sorted(wanted, key=lambda p: order.index(p[1]))  # stable: spec order within a seed
+
+
 def _say(msg: str) -> None:
     print(f"[compare] {msg}", flush=True)
 
@@ -63,7 +84,8 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
 
     if not presets:
         raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
-    bases = {spec: load_member(spec) for spec in presets}  # every bad member fails up front
+    pairs = study_members(presets, seeds)
+    bases = {spec: load_member(spec) for spec, _ in pairs}  # every bad member fails up front
     names = [name for name, _ in bases.values()]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -82,7 +104,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     # Seed-major: an interrupted multi-seed study has every model at the first seed before any
     # model at the second.
     rows, missing, todo = {}, [], []
-    for preset, seed in [(p, s) for s in seeds for p in presets]:
+    for preset, seed in pairs:
         base, base_cfg = bases[preset]
         name = member_name(base, seed)
         cfg = base_cfg.with_overrides([*sets, f"train.seed={seed}"])
