@@ -26,6 +26,12 @@ def test_round_trip(tmp_path, suffix):
         assert json.loads(path.read_text())["model"]["attention"]["n_kv_heads"] == 2
 
 
+def test_a_bare_model_config_file_loads_as_the_model(tmp_path):
+    (tmp_path / "bare.json").write_text('{"d_model": 64}')
+    cfg = Config.load(tmp_path / "bare.json")
+    assert cfg.model.d_model == 64 and cfg.train == Config().train
+
+
 def test_overrides_are_typed():
     cfg = load_preset("dense-tiny").with_overrides(["train.batch_size=8", "model.d_model=96",
                                                     "model.attention.n_heads=4"])

@@ -84,7 +84,7 @@ def test_checks():
 
 def test_read_mapping(tmp_path):
     (tmp_path / "bare.json").write_text('{"d_model": 64}')
-    assert read_mapping(tmp_path / "bare.json") == {"model": {"d_model": 64}}
+    assert read_mapping(tmp_path / "bare.json") == {"d_model": 64}
     (tmp_path / "full.yaml").write_text("train:\n  lr: 0.1\n")
     assert read_mapping(tmp_path / "full.yaml") == {"train": {"lr": 0.1}}
     (tmp_path / "list.yaml").write_text("- 1\n")

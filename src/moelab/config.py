@@ -348,7 +348,11 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_dict(read_mapping(Path(path)))
+        d = read_mapping(Path(path))
+        # a bare model config (the keys of ModelConfig at the top) is accepted
+        if "model" not in d and any(k in d for k in ("d_model", "n_layers", "attention", "ffn")):
+            d = {"model": d}
+        return cls.from_dict(d)
 
     def with_overrides(self, sets: list[str]) -> "Config":
         """Apply `--set key=value` overrides (dotted keys, YAML values) and re-validate."""

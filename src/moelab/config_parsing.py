@@ -23,8 +23,7 @@ from moelab.errors import ConfigError
 
 
 def read_mapping(path: Path) -> dict:
-    """A YAML or JSON config file's top-level mapping; a bare model config (the keys of
-    `ModelConfig` at the top) is wrapped as `{"model": ...}`."""
+    """A YAML or JSON config file's top-level mapping."""
     if not path.is_file():
         raise ConfigError(f"config file {path}: not found")
     try:
@@ -34,8 +33,6 @@ def read_mapping(path: Path) -> dict:
         raise ConfigError(f"config file {path}: cannot parse ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    if "model" not in d and any(k in d for k in ("d_model", "n_layers", "attention", "ffn")):
-        d = {"model": d}
     return d
 
 
@@ -111,7 +108,7 @@ def set_dotted(d: dict, key: str, value) -> None:
         cur = cur[part]
     if not isinstance(cur, dict):
         raise ConfigError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a section")
-    cur[parts[-1]] = value  # unknown leaf keys are reported by _build with a suggestion
+    cur[parts[-1]] = value  # unknown leaf keys are reported by build() with a suggestion
 
 
 def check_choice(path: str, value, allowed) -> None:

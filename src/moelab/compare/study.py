@@ -85,7 +85,8 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
     if not presets:
         raise ConfigError("compare: no presets given (use --presets A,B or --all-tiny)")
     pairs = study_members(presets, seeds)
-    bases = {spec: load_member(spec) for spec, _ in pairs}  # every bad member fails up front
+    # each spec loaded once (it may train at several seeds); every bad member fails up front
+    bases = {spec: load_member(spec) for spec in dict.fromkeys(spec for spec, _ in pairs)}
     names = [name for name, _ in bases.values()]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
