@@ -4,6 +4,7 @@ rank's rows contribute (float64, random routing with empty experts and uneven tr
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -55,8 +56,15 @@ def _worker(rank: int, store_path: str, backend: str, gated: bool, sorted_out: b
             dist.all_reduce(g)  # the shard's gradient sums every rank's rows
             torch.testing.assert_close(getattr(placed, name).grad, g[sl], msg=name)
             assert torch.isfinite(getattr(placed, name).grad).all()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # No rank exits (closing its sockets) before every rank has torn its group down: a peer
+    # vanishing mid-teardown aborted gloo's threads ("terminate called without an active
+    # exception") in about half of the runs on an idle machine.
+    store.add("torn_down", 1)
+    while store.add("torn_down", 0) < WORLD:
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("backend,gated,sorted_out", [("scatter", False, False),
