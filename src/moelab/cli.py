@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except MoelabError as e:
         print(f"moelab: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused (read-only, full disk, a file in the way)
+        from moelab.fsutil import describe_os_error
+
+        print(f"moelab: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("moelab: interrupted", file=sys.stderr)
         return 130
@@ -361,8 +366,17 @@ def cmd_train(args) -> int:
     else:
         cfg = resolve_config(args.preset, args.config, args.sets)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from moelab.train.distributed import DistEnv
+        from moelab.train.loop import LOCK_HELD_ENV, RunDirGuard
+
         check_launch(cfg, args.nproc)
-        return launch(args.nproc, args.raw_argv)
+        # this process holds the run's lock for the torchrun children it starts
+        with RunDirGuard(args.out, DistEnv()) as guard:
+            env = {**os.environ, LOCK_HELD_ENV: str(guard.run_dir.resolve())}
+            rc = launch(args.nproc, args.raw_argv, env=env)
+            if rc != 0:
+                guard.discard_if_unstarted()
+            return rc
     summary = train(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps,
                     tokens=args.tokens, resume=args.resume, progress=not args.no_progress,
                     device=args.device)

@@ -174,12 +174,24 @@ def verify(data_dir: str | os.PathLike) -> dict:
         if expected != found:
             raise DataError(f"shard {path}: sha256 {found[:16]}... does not match meta.json "
                             f"({str(expected)[:16]}...); the file was modified")
-    tok = meta.get("tokenizer", {})
-    if isinstance(tok, dict) and tok.get("sha256"):
-        path = d / tok.get("file", TOKENIZER_FILE)
-        if not path.is_file():
-            raise DataError(f"tokenizer {path} is missing; expected it next to {META_FILE}")
-        if sha256_file(path) != tok["sha256"]:
-            raise DataError(f"tokenizer {path}: sha256 does not match meta.json; "
-                            "the file was modified")
+    check_tokenizer(d, meta)
     return meta
+
+
+def check_tokenizer(data_dir: str | os.PathLike, meta: dict) -> None:
+    """DataError when the data dir's tokenizer file is missing or is not the one its shards
+    were encoded with (its SHA-256 differs from meta.json's): text decoded or encoded with
+    another tokenizer would be garbage. Cheap (one small file), so training, evaluation and
+    resume check it every time."""
+    d = Path(data_dir).expanduser()
+    tok = meta.get("tokenizer", {})
+    if not (isinstance(tok, dict) and tok.get("sha256")):
+        return  # written without a tokenizer record (e.g. the byte tokenizer)
+    path = d / tok.get("file", TOKENIZER_FILE)
+    if not path.is_file():
+        raise DataError(f"tokenizer {path} is missing; expected it next to {META_FILE}")
+    found = sha256_file(path)
+    if found != tok["sha256"]:
+        raise DataError(f"tokenizer {path}: sha256 {found[:12]}... does not match meta.json's "
+                        f"{tok['sha256'][:12]}... (the file was replaced after `moelab data "
+                        "prepare`); restore it or prepare the data again")

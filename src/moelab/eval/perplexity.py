@@ -111,7 +111,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path |
     from moelab.data.loader import iter_documents
     from moelab.data.shards import load_meta
     from moelab.train.loop import resolve_device
-    from moelab.train.rundir import check_vocab, read_run_info
+    from moelab.train.rundir import check_tokenizer_of_run, check_vocab, read_run_info
 
     start = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
@@ -125,7 +125,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path |
     data_dir = Path(data_dir).expanduser()
     meta = load_meta(data_dir)
     check_vocab(meta, cfg, data_dir)
-    _check_tokenizer(info, meta, data_dir, run_dir)
+    check_tokenizer_of_run(owner, meta, data_dir)
     if split not in meta["tokens"]:
         raise DataError(f"data dir {data_dir}: no split {split!r}; expected one of "
                         f"{sorted(meta['tokens'])}")
@@ -163,16 +163,6 @@ def _load_scored_model(path: Path, device, storage: Optional[str]):
     model, cfg, ckpt = load_model(path, device=device)  # CheckpointError if there is none
     # the run directory, also when a checkpoint dir was given
     return model, cfg, ckpt.parent.parent, ckpt.name, None
-
-
-def _check_tokenizer(info: dict, meta: dict, data_dir: Path, run_dir: Path) -> None:
-    """Perplexities under another tokenizer are not comparable (nor meaningful): refuse."""
-    was = (info.get("data") or {}).get("tokenizer_sha256")
-    tok = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
-    now = tok.get("sha256")
-    if was and now and was != now:
-        raise DataError(f"data dir {data_dir} was tokenized with a different tokenizer than run "
-                        f"{run_dir} was trained with; expected tokenizer sha256 {was[:12]}...")
 
 
 def _write_eval_json(run_dir: Path, split: str, res: dict) -> None:

@@ -68,10 +68,18 @@ def read_eval_json(run_dir: str | Path) -> dict:
 
 
 def write_eval_json(run_dir: str | Path, data: dict) -> None:
-    """Replace RUN_DIR/eval.json atomically (a reader never sees half a file)."""
-    from moelab.fsutil import write_json_atomic
+    """Replace RUN_DIR/eval.json atomically (a reader never sees half a file). eval.json is a
+    cache: when the directory cannot take it (read-only, full disk) the results, already
+    computed and returned to the caller, are not thrown away for it; a warning says so."""
+    import sys
 
-    write_json_atomic(Path(run_dir) / EVAL_FILE, jsonable(data))
+    from moelab.fsutil import describe_os_error, write_json_atomic
+
+    try:
+        write_json_atomic(Path(run_dir) / EVAL_FILE, jsonable(data))
+    except OSError as e:
+        print(f"moelab: warning: results not saved to {Path(run_dir) / EVAL_FILE} "
+              f"({describe_os_error(e)})", file=sys.stderr)
 
 
 def merge_eval_json(run_dir: str | Path, key: str, entries: dict[str, Any]) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_file as st_save_file
 from safetensors.torch import save_model as st_save_model
@@ -67,6 +68,43 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
+    try:
+        _write_checkpoint_files(final, model, config, extra, _fail_after, state_dict)
+    except Exception as e:
+        cause = write_failure(e)
+        if cause is None:
+            raise
+        last = latest_checkpoint(run_dir)
+        kept = (f"{last.name} is the newest intact checkpoint (--resume continues from it)"
+                if last is not None else "no earlier checkpoint exists")
+        raise CheckpointError(f"could not write checkpoint {final} ({cause}); nothing of it was "
+                              f"kept, {kept}") from None
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_failure(e: BaseException) -> str | None:
+    """The cause, in a few words, when `e` is the file system refusing a write (a full disk, a
+    read-only or vanished directory, a file-size limit), as each writer reports it: OSError
+    from Python, SafetensorError from safetensors, RuntimeError from torch.save's zip writer.
+    None for anything else (a bug is not dressed up as a disk problem)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    if isinstance(e, SafetensorError) or (isinstance(e, RuntimeError) and (
+            "inline_container" in text or "PytorchStreamWriter" in text)):
+        for known in ("No space left on device", "Read-only file system", "File too large",
+                      "Permission denied", "Disk quota exceeded"):
+            if known.lower() in text.lower():
+                return known.lower()
+        return "write failed: " + text.splitlines()[0][:160]
+    return None
+
+
+def _write_checkpoint_files(final: Path, model, config: Config, extra, _fail_after,
+                            state_dict) -> None:
     with atomic_directory(final) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         if state_dict is not None:
@@ -80,10 +118,6 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
                 (tmp / name).write_text(json.dumps(obj, indent=2))
             else:
                 torch.save(obj, tmp / name)
-    if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def alias_free_weights(model: torch.nn.Module, persistent_buffers, full_tensor) -> dict:
@@ -136,10 +170,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device), cfg, ckpt
 
 
+def check_weights_file(ckpt: Path) -> None:
+    """CheckpointError naming ckpt/model.safetensors when it is not a whole safetensors file
+    (zero-length, cut short, garbage, a pickle under that name). Reads the header only."""
+    path = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except SafetensorError as e:
+        size = path.stat().st_size
+        raise CheckpointError(f"{path}: damaged, not a complete safetensors file ({size:,} "
+                              f"bytes; {str(e).splitlines()[0]})") from None
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    check_weights_file(ckpt)
     try:
         missing, unexpected = st_load_model(_unwrap(model), str(ckpt / "model.safetensors"),
                                             strict=False)
+    except SafetensorError as e:
+        raise CheckpointError(f"{ckpt / 'model.safetensors'}: damaged "
+                              f"({str(e).splitlines()[0]})") from None
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{ckpt}: weights do not fit this model "
                               f"({str(e).splitlines()[-1].strip()})") from None
@@ -234,6 +287,33 @@ def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{ckpt}: trainer state is unreadable "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return {**opt, "rng": rng, "state": state}
+
+
+def resume_point(run_dir: str | Path, device: str | torch.device = "cpu",
+                 warn=None) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a run that is whole (config, weights header, trainer state all
+    readable) and its trainer state; a damaged newer one is skipped with a warning through
+    `warn(message)`. None when the run has no checkpoint at all; CheckpointError naming each
+    damaged one when none is whole."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    damaged = []
+    for ckpt in reversed(ckpts):
+        try:
+            read_config(ckpt)
+            check_weights_file(ckpt)
+            saved = read_training_state(ckpt, device)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        if damaged and warn is not None:
+            warn(f"{damaged[0]}" + (f" (and {len(damaged) - 1} more damaged)" if
+                                    len(damaged) > 1 else "")
+                 + f"; resuming from the newest intact checkpoint, {ckpt.name}")
+        return ckpt, saved
+    raise CheckpointError(f"{run_dir}: every checkpoint is damaged, cannot resume: "
+                          + "; ".join(damaged))
 
 
 def remove_stale_tmp(run_dir: str | Path) -> None:

@@ -16,7 +16,10 @@ single-process format, so a run continues at any world size.
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,10 +28,11 @@ import numpy as np
 import torch
 
 from moelab.config import Config
-from moelab.errors import CheckpointError, ConfigError, TrainingError
+from moelab.errors import CheckpointError, ConfigError, DataError, TrainingError
+from moelab.fsutil import RunLock, check_writable
 from moelab.train import checkpoint as ckpt_io
 from moelab.train import distributed as ddist
-from moelab.train.metrics import MetricsLogger, NullLogger, Progress
+from moelab.train.metrics import MetricsLogger, NullLogger, PendingLogger, Progress
 from moelab.train.optim import Schedule, apply_hyperparameters, build_optimizer
 from moelab.train.rundir import (check_resume_config, check_same_data, check_vocab,
                                  write_run_files)
@@ -88,17 +92,66 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
     dev = resolve_device(device)
     env, dev = ddist.setup(dev, ddist.resolve_parallel(cfg.train, parallel))
     try:
-        return _train(cfg, data_dir, out_dir, steps, tokens, resume, progress, dev, stop_at,
-                      tensorboard, env)
+        with RunDirGuard(out_dir, env):
+            return _train(cfg, data_dir, out_dir, steps, tokens, resume, progress, dev,
+                          stop_at, tensorboard, env)
     finally:
         ddist.teardown(env)
+
+
+LOCK_HELD_ENV = "MOELAB_RUN_LOCK_HELD"  # set by `moelab train --nproc N` for its children
+
+
+class RunDirGuard:
+    """One training process per run directory, and no trace of a command that failed to start.
+
+    Rank 0 (or the single process) takes the run's lock (`fsutil.RunLock`) before it reads the
+    run; a second `train` on the same --out is refused in one line. A run directory this command
+    created is removed again when it fails before its first step, so a mistyped config does not
+    leave an empty run behind. Under `moelab train --nproc N` the launching process holds the
+    lock for its children (they are other processes, which flock would refuse)."""
+
+    def __init__(self, out_dir, env: ddist.DistEnv):
+        self.run_dir = Path(out_dir).expanduser()
+        self.active = env.is_main and os.environ.get(LOCK_HELD_ENV) != str(self.run_dir.resolve())
+        self.created = False
+        self.lock = RunLock(self.run_dir)
+
+    def __enter__(self) -> "RunDirGuard":
+        if not self.active:
+            return self
+        check_writable(self.run_dir, "--out")
+        self.created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self._undo()
+            raise
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if not self.active:
+            return
+        self.lock.release()
+        if exc_type is not None:
+            self.discard_if_unstarted()
+
+    def discard_if_unstarted(self) -> None:
+        """Remove the run directory if this command created it and the run never started."""
+        if not (self.run_dir / "config.json").exists():
+            self._undo()
+
+    def _undo(self) -> None:
+        if self.created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress: bool,
            dev: torch.device, stop_at: Optional[int], tensorboard: bool,
            env: ddist.DistEnv) -> dict:
     from moelab.data.loader import TokenLoader
-    from moelab.data.shards import load_meta
+    from moelab.data.shards import check_tokenizer, load_meta
     from moelab.flops import count
     from moelab.model import MoELM
 
@@ -119,18 +172,24 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     tc = cfg.train
     meta = load_meta(data_dir)  # DataError for a missing or broken data dir
     check_vocab(meta, cfg, data_dir)
+    check_tokenizer(data_dir, meta)  # tokenizer.json is the one the shards were encoded with
 
     # ---- where do we start from
     resume_ckpt = None
     if resume:
-        resume_ckpt = ckpt_io.latest_checkpoint(run_dir)
-        if resume_ckpt is None:
+        found = ckpt_io.resume_point(run_dir, dev, warn=_warn if env.is_main else None)
+        if found is None:
             raise CheckpointError(f"--resume: {run_dir} has no complete checkpoint "
                                   f"(expected {ckpt_io.checkpoint_dir(run_dir)}/step-N); "
                                   "start without --resume")
+        resume_ckpt, saved = found
         check_resume_config(ckpt_io.read_config(resume_ckpt), cfg, resume_ckpt)
         check_same_data(run_dir, meta, data_dir)
-        saved = ckpt_io.read_training_state(resume_ckpt, dev)
+        if saved["state"].get("total_steps", n_total) != n_total and env.is_main:
+            _warn(f"resuming {run_dir} for {n_total} steps in all, not the "
+                  f"{saved['state']['total_steps']} it was started with: the learning-rate "
+                  f"schedule from step {saved['state'].get('step')} on follows the new total, "
+                  "so the run differs from one trained for this total from the start")
     elif ckpt_io.list_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints of a run; pass --resume to "
                               "continue it, or choose a new --out")
@@ -144,6 +203,8 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, tc.seed,
                              rank=env.rank, world_size=env.world_size)
     eval_set = val_loader.eval_batches(tc.eval_batches)
+    for x_BT, y_BT in eval_set:
+        check_token_ids(x_BT, y_BT, cfg.model.vocab_size, data_dir, "val", 0)
     if env.active:
         ddist.check_dtype(env.parallel, tc.dtype)
 
@@ -181,12 +242,21 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     layout = {"world_size": env.world_size,
               "parallel": env.parallel if env.active else "none"}
     env.barrier()  # every rank has checked the run directory before rank 0 changes it
-    if env.is_main:
+    # Nothing is written into the run directory until the first optimizer step has succeeded
+    # (a bad backend, a shape error, a token id beyond the vocabulary all surface there), so a
+    # command that fails to start leaves the run as it was: its config.json, run.json and
+    # metrics stay the previous session's, and the next plain --resume works.
+    logger = PendingLogger() if env.is_main else NullLogger()
+
+    def commit_start() -> None:
+        nonlocal logger
+        if not env.is_main or not isinstance(logger, PendingLogger):
+            return
         write_run_files(run_dir, cfg, data_dir, meta, str(dev), {**params, **layout},
                         resumed_from=resume_ckpt.name if resume_ckpt is not None else None)
+        pending = logger
         logger = MetricsLogger(run_dir, start if resume_ckpt is not None else None, tensorboard)
-    else:
-        logger = NullLogger()
+        pending.replay(logger)
     fwd = torch.compile(wrapped) if tc.compile else wrapped
     bar = Progress(n_total, start, progress and env.is_main, cfg.name)
     rows = tc.batch_size // tc.grad_accum // env.world_size  # rows of one micro-batch, per rank
@@ -223,6 +293,7 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
         for s in range(start, end):
             t0 = time.perf_counter()
             x_BT, y_BT = train_loader.get_batch(s)
+            check_token_ids(x_BT, y_BT, cfg.model.vocab_size, data_dir, "train", s + 1)
             x_BT, y_BT = x_BT.to(dev, non_blocking=True), y_BT.to(dev, non_blocking=True)
             lr = schedule.apply()
             try:
@@ -231,6 +302,7 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
             except NonFiniteLoss as e:
                 raise _non_finite_error(run_dir, s + 1, e.stats) from None
             schedule.advance()
+            commit_start()
             dt = time.perf_counter() - t0
             step = s + 1
             state["step"], state["train_loss"] = step, stats["loss"]
@@ -270,6 +342,26 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
         "resumed_from": resume_ckpt.name if resume_ckpt is not None else None,
         "run_dir": str(run_dir),
     }
+
+
+def check_token_ids(x_BT: torch.Tensor, y_BT: torch.Tensor, vocab_size: int, data_dir: Path,
+                    split: str, step: int) -> None:
+    """DataError when a batch holds a token id the embedding has no row for (shards that do not
+    match their meta.json), instead of an IndexError deep in the forward pass. A max over one
+    CPU batch: microseconds next to a step."""
+    hi = int(torch.maximum(x_BT.max(), y_BT.max())) if x_BT.numel() else 0
+    lo = int(torch.minimum(x_BT.min(), y_BT.min())) if x_BT.numel() else 0
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        where = f"step {step}" if step else "the validation batches"
+        raise DataError(f"data dir {data_dir}: token id {bad} in the {split} split ({where}) is "
+                        f"outside model.vocab_size {vocab_size} (0..{vocab_size - 1}); the "
+                        "shards do not match this model or their meta.json; prepare the data "
+                        "again or set model.vocab_size")
+
+
+def _warn(message: str) -> None:
+    print(f"moelab: warning: {message}", file=sys.stderr)
 
 
 def _non_finite_error(run_dir: Path, step: int, stats: dict) -> TrainingError:

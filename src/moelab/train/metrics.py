@@ -83,6 +83,26 @@ class MetricsLogger:
             self.tb.close()
 
 
+class PendingLogger:
+    """Holds the first records of a session in memory until the run is known to start (its
+    first optimizer step succeeded); `replay(logger)` then writes them. A command that fails
+    before that point has written nothing into the run directory."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+
+    def replay(self, logger) -> None:
+        for record in self.records:
+            logger.log(record)
+        self.records = []
+
+    def close(self) -> None:
+        pass
+
+
 class NullLogger:
     """What ranks other than 0 log to under torchrun: nothing (rank 0 writes the run's files)."""
 

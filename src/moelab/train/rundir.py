@@ -80,8 +80,31 @@ def write_run_files(run_dir: Path, cfg: Config, data_dir: Path, meta: dict, devi
     write_json_atomic(run_dir / RUN_FILE, info)
 
 
+def check_tokenizer_of_run(run_dir: Path, meta: dict, data_dir: Path) -> None:
+    """Refuse data tokenized with another tokenizer than the run was trained with (its scores
+    and samples would be garbage), naming both sides: the run's recorded tokenizer hash against
+    the data dir's, and the data dir's tokenizer file against its own meta.json."""
+    from moelab.data.shards import check_tokenizer
+
+    check_tokenizer(data_dir, meta)
+    recorded = read_run_info(run_dir).get("data") or {}
+    was, was_vocab = recorded.get("tokenizer_sha256"), recorded.get("vocab_size")
+    tok = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    now = tok.get("sha256")
+    if was and now and was != now:
+        raise DataError(
+            f"data dir {data_dir} was tokenized with another tokenizer (sha256 {now[:12]}..., "
+            f"vocab {meta['vocab_size']}) than run {run_dir} was trained with (sha256 "
+            f"{was[:12]}..., vocab {was_vocab}, data dir "
+            f"{read_run_info(run_dir).get('data_dir', '?')})")
+    if was_vocab is not None and was_vocab != meta["vocab_size"]:
+        raise DataError(f"data dir {data_dir} has vocab_size {meta['vocab_size']} but run "
+                        f"{run_dir} was trained on data with vocab_size {was_vocab}")
+
+
 def check_same_data(run_dir: Path, meta: dict, data_dir: Path) -> None:
-    """Refuse to resume on data whose train/val shards differ from the run's."""
+    """Refuse to resume on data whose tokenizer or train/val shards differ from the run's."""
+    check_tokenizer_of_run(run_dir, meta, data_dir)
     recorded = read_run_info(run_dir).get("data")
     if not recorded:
         return  # no record: the loader's own check (shard hash of the train split) still runs
