@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir")
     q.add_argument("--out", required=True)
     q.add_argument("--tokenizer", help="tokenizer.json (default: the run's)")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier export (never another directory)")
     q.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("convert", help="convert a trained run into another inference form")
@@ -300,6 +301,11 @@ def cmd_generate(args) -> int:
 
     from moelab.errors import ConfigError
 
+    from moelab.model import check_sampling
+
+    # the arguments first: a typo should not wait for a model to load
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   args.num_samples)
     torch.manual_seed(args.seed)
     if args.run_dir:
         from moelab.export.mole_model import load_any

@@ -242,6 +242,7 @@ class ModelConfig:
         self.sharing.validate(p + ".sharing", self.n_layers)
         self.norm.validate(p + ".norm")
         self.init.validate(p + ".init")
+        check_kinds(self)
         return self
 
     @property
@@ -363,6 +364,19 @@ class Config:
             key, raw = item.split("=", 1)
             set_dotted(d, key.strip(), yaml.safe_load(raw))
         return Config.from_dict(d)
+
+
+def check_kinds(model: "ModelConfig") -> None:
+    """What each chosen attention and FFN kind needs of the rest of the config (experts to
+    route to, matching shared-bank sizes, ...): the layer classes state it in a `check_config`
+    classmethod, so a config that validates also builds, and `moelab info` refuses what
+    `moelab train` would."""
+    from moelab.registry import ATTENTION, FFN
+
+    for registry, kind in ((ATTENTION, model.attention.kind), (FFN, model.ffn.kind)):
+        check = getattr(registry.get(kind), "check_config", None)
+        if check is not None:
+            check(model)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

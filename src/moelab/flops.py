@@ -9,6 +9,7 @@ of `torch.utils.flop_counter`. Attention score/mix MACs count the causal triangl
 """
 from __future__ import annotations
 
+from moelab.errors import ConfigError
 from moelab.config import ModelConfig
 from moelab.layers.attention import norm_params
 from moelab.layers.base import Counts
@@ -31,6 +32,11 @@ def count(cfg: ModelConfig, batch: int = 1, seq_len: int | None = None,
     `macs_forward`, `macs_per_token`, and `components` (MACs per component, and the
     parameters of embedding / layers / final norm / head).
     """
+    if batch < 1:
+        raise ConfigError(f"batch {batch}: expected a positive number of sequences")
+    if seq_len is not None and not 1 <= seq_len <= cfg.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len}: expected 1..{cfg.max_seq_len} "
+                          "(model.max_seq_len)")
     T = seq_len or cfg.max_seq_len
     V, d = cfg.vocab_size, cfg.d_model
     repeats = cfg.n_layers // cfg.n_distinct_layers

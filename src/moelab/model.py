@@ -7,6 +7,7 @@ order; each position in the schedule has its own KV cache.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelab.config import ModelConfig
+from moelab.errors import ConfigError
 from moelab.layers.base import ForwardContext, KVCache, LayerCache
 from moelab.layers.init import init_weights
 from moelab.layers.norms import block_norm, make_norm
@@ -98,6 +100,10 @@ class MoELM(nn.Module):
                  use_cache: bool = True) -> torch.Tensor:
         """Sample continuations. temperature 0 = greedy. Sequences that emit `eos_id` keep
         emitting it; generation stops early once every sequence has finished."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples=idx_BT.shape[0])
+        if idx_BT.ndim != 2 or idx_BT.shape[1] < 1:
+            raise ConfigError(f"generate: prompt ids of shape {tuple(idx_BT.shape)}; expected "
+                              "(batch, tokens) with at least one token")
         was_training = self.training
         self.eval()
         cache = self.new_cache() if use_cache else None
@@ -119,6 +125,27 @@ class MoELM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None, num_samples: int = 1) -> None:
+    """ConfigError naming the first sampling argument outside its range (the CLI's flag names:
+    `generate` and the CLI share this check, so neither accepts what the other refuses)."""
+    checks = [
+        ("--max-new-tokens", max_new_tokens, isinstance(max_new_tokens, int) and
+         max_new_tokens >= 0, "an integer >= 0"),
+        ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0,
+         "a number >= 0 (0 = greedy)"),
+        ("--top-k", top_k, top_k is None or (isinstance(top_k, int) and top_k >= 1),
+         "an integer >= 1, or unset for no top-k cut"),
+        ("--top-p", top_p, top_p is None or (math.isfinite(top_p) and 0 < top_p <= 1),
+         "a number in (0, 1], or unset for no nucleus cut"),
+        ("--num-samples", num_samples, isinstance(num_samples, int) and num_samples >= 1,
+         "an integer >= 1"),
+    ]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: expected {expected}")
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int],

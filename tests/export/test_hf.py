@@ -165,7 +165,11 @@ def test_export_errors(tokenizer_file, tmp_path):
     with pytest.raises(ConfigError, match="not an exported moelab model"):
         export_hf(run, busy)
     out = export_hf(run, tmp_path / "hf")
-    assert export_hf(run, out) == out  # re-exporting over an export is fine
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        export_hf(run, out)
+    assert export_hf(run, out, overwrite=True) == out  # an earlier export is replaced
+    with pytest.raises(ConfigError, match="is a moelab run directory; refusing"):
+        export_hf(out, run, overwrite=True)  # never another run, also with --overwrite
     with pytest.raises(CheckpointError):
         export_hf(tmp_path / "nothing", tmp_path / "hf2")
 

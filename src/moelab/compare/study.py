@@ -127,6 +127,7 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
             _say(f"{name}: {'not finished' if started else 'not started'}, left out of the report")
             missing.append(name if started else f"{name} (not started)")
         else:
+            check_not_stretched(out / name, steps, cfg)
             todo.append(Member(name, preset, seed, cfg, matched, key, steps))
             rows[name] = None  # keeps the study's order
     bar = tqdm(total=len(todo), desc="compare", unit="model", disable=not progress, position=0)
@@ -173,6 +174,29 @@ def run_timing(recs: list[dict], tokens: int, tokens_per_s: float | None) -> dic
     tokens/s, from its metrics lines (a resumed run's last session alone would say less)."""
     train_s = max(training_clock(recs).values()) if recs else None
     return {"train_s": train_s, "tokens_per_s": tokens / train_s if train_s else tokens_per_s}
+
+
+def check_not_stretched(run_dir: Path, steps: int, cfg) -> None:
+    """A member's run that started with another total length is not continued: resuming it
+    with this study's --tokens would stretch its learning-rate schedule midway, and the table
+    would show a model trained differently from its peers. ConfigError naming both lengths."""
+    from moelab.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return
+    try:
+        was = json.loads((ckpt / "state.json").read_text())["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: train()'s resume reports the damaged checkpoint itself
+    if was != steps:
+        per_step = cfg.train.batch_size * cfg.train.seq_len
+        raise ConfigError(
+            f"compare: member {run_dir.name} in {run_dir} was trained for {was} steps "
+            f"({was * per_step:,} tokens); this study asks for {steps} steps "
+            f"({steps * per_step:,} tokens). Continuing it would stretch its learning-rate "
+            "schedule, so it would not be the model this study describes: use a new --out, "
+            f"or remove {run_dir} to train it again at the new length")
 
 
 def _same_key(stored, key: dict) -> bool:

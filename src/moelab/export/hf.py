@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import CheckpointError, ConfigError
+from moelab.fsutil import atomic_directory
 
 MODELING_FILES = ("configuration_moelab.py", "modeling_moelab.py")
 WEIGHTS_PREFIX = "model."  # MoelabForCausalLM.model is the MoELM
@@ -42,12 +43,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     """Write the newest checkpoint of `run_dir` (or the checkpoint directory itself) as a
     transformers model directory `out_dir`; returns it. `tokenizer` overrides the run's
     tokenizer.json."""
-    from safetensors.torch import save_file
-
-    import moelab
     from moelab.data.tokenizer import load_tokenizer
     from moelab.train.checkpoint import find_tokenizer, load_model
 
+    out = _check_out(Path(out_dir).expanduser(), overwrite)  # before the (large) model loads
     model, cfg, ckpt = load_model(run_dir)  # CheckpointError for a missing/damaged run
     tok_path = Path(tokenizer) if tokenizer is not None else find_tokenizer(ckpt)
     if tok_path is None:
@@ -57,12 +56,43 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model's "
                           f"vocab_size is {cfg.model.vocab_size}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        if not (out / "config.json").is_file() or not (out / "modeling_moelab.py").is_file():
-            raise ConfigError(f"--out {out}: exists and is not an exported moelab model; "
-                              "choose an empty or new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:  # a failed export leaves --out as it was
+        _write_export(tmp, model, cfg, ckpt, tok, tok_path)
+    return out
+
+
+def is_exported_dir(path: Path) -> bool:
+    """Whether `path` holds a model written by `export_hf` (its config names moelab)."""
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(hf_config, dict) and hf_config.get("model_type") == "moelab"
+            and (path / "modeling_moelab.py").is_file())
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """--out may be new or empty; an earlier export is replaced only with --overwrite; any other
+    directory (a training run, a data dir, a transformers model) never."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a new or empty directory")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not is_exported_dir(out):
+        what = ("a moelab run directory" if (out / "run.json").is_file()
+                or (out / "checkpoints").is_dir() else "not an exported moelab model")
+        raise ConfigError(f"--out {out}: exists and is {what}; refusing to replace it (also "
+                          "with --overwrite), choose a new or empty directory")
+    if not overwrite:
+        raise ConfigError(f"--out {out}: holds an earlier export; pass --overwrite to replace "
+                          "it, or choose a new directory")
+    return out
+
+
+def _write_export(out: Path, model, cfg, ckpt: Path, tok, tok_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    import moelab
 
     weights = {WEIGHTS_PREFIX + name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in model.named_parameters()}  # de-duplicated: aliases once
@@ -96,7 +126,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | 
         (out / name).write_text(text)
     _write_tokenizer(out, tok_path, tok.eos_token, cfg.model.max_seq_len)
     (out / "README.md").write_text(model_card(cfg, ckpt, model, tok.vocab_size))
-    return out
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -39,10 +39,13 @@ from moelab.registry import ATTENTION
 class MixtureOfAttentionHeads(nn.Module):
     default_router = "softmax_topk"
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        check_attention_experts(cfg, "moa")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
         super().__init__()
         a, d = cfg.attention, cfg.d_model
-        check_attention_experts(cfg, "moa")
         E, dk, dv = a.n_experts, cfg.head_dim, a.expert_dim or cfg.head_dim
         self.E, self.top_k, self.dk, self.dv = E, a.top_k, dk, dv
         self.n_shared = 1 if a.n_shared_experts else 0

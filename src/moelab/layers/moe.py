@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from moelab.config import ModelConfig
+from moelab.errors import ConfigError
 from moelab.layers.base import Counts, ForwardContext, linear_counts, mark_residual_out
 from moelab.layers.experts import ExpertBank
 from moelab.layers.ffn import DenseFFN
@@ -31,6 +32,17 @@ class MoEFFN(nn.Module):
     """
 
     router_kind: str | None = None  # None: the config's router.kind
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        f = cfg.ffn
+        if f.n_experts < 1:
+            raise ConfigError(f"model.ffn.n_experts: {f.n_experts}; ffn kind {f.kind!r} needs at "
+                              "least one routed expert")
+        if f.top_k < 1:
+            raise ConfigError(f"model.ffn.top_k: {f.top_k}; ffn kind {f.kind!r} routes each token "
+                              f"to top_k >= 1 of its {f.n_experts} experts "
+                              f"(allowed: 1..{f.n_experts})")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
                  bank: ExpertBank | None = None):

@@ -40,12 +40,20 @@ class _MoLEBase(nn.Module):
     """What both forms share: the dense-softmax router on the normed hidden state and the
     shared expert (a dense FFN of width `ffn.d_ff`, not gated by the router)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
-        super().__init__()
-        f, d = cfg.ffn, cfg.d_model
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        f = cfg.ffn
         if f.n_experts < 1:
             raise ConfigError(f"model.ffn.n_experts: {f.n_experts}; the {f.kind} FFN needs at "
                               "least one routed expert")
+        if cfg.router.bias_rate:
+            raise ConfigError(f"model.router.bias_rate: {cfg.router.bias_rate}, but the {f.kind} "
+                              "FFN's router uses every expert: there is no choice to balance; "
+                              "set it to 0")
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
+        super().__init__()
+        f, d = cfg.ffn, cfg.d_model
         self.n_experts, self.d_model, self.layer_idx = f.n_experts, d, layer_idx
         # peri-LN hands the FFN the raw residual: only the router (it feeds a softmax) is normed
         self.router_norm = make_norm(cfg) if cfg.norm.scheme == "peri" else nn.Identity()

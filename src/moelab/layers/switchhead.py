@@ -41,13 +41,17 @@ from moelab.registry import ATTENTION
 class SwitchHeadAttention(nn.Module):
     default_router = "sigmoid_topk"  # MoEUT's sigma-MoE selection
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
-        super().__init__()
-        a, d = cfg.attention, cfg.d_model
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        a = cfg.attention
         check_attention_experts(cfg, "switchhead")
         if a.kv_heads != a.n_heads:
             raise ConfigError(f"model.attention.n_kv_heads: {a.kv_heads}; switchhead has one key "
                               f"head per query head, set it to n_heads={a.n_heads} (or null)")
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
+        super().__init__()
+        a, d = cfg.attention, cfg.d_model
         H, dh, dv, Ea = a.n_heads, cfg.head_dim, a.expert_dim or cfg.head_dim, a.n_experts
         self.H, self.dh, self.dv, self.Ea = H, dh, dv, Ea
         self.top_k = a.top_k if Ea > 1 else 1

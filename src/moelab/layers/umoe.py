@@ -61,10 +61,21 @@ class PreMixingAttention(nn.Module):
     default_router = "softmax_topk"
     holds_expert_bank = True  # see the counting convention in the module docstring
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        a, f = cfg.attention, cfg.ffn
+        check_attention_experts(cfg, "umoe_att")
+        width = a.expert_dim or cfg.head_dim
+        if f.kind == "umoe_ffn" and (f.n_experts, f.expert_dim) != (a.n_experts, width):
+            raise ConfigError(
+                f"model.ffn: UMoE's attention and FFN share one expert bank, but "
+                f"model.attention has {a.n_experts} experts of width {width} and model.ffn "
+                f"{f.n_experts} of width {f.expert_dim}; set model.ffn.n_experts = "
+                "model.attention.n_experts and model.ffn.expert_dim = model.attention.expert_dim")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None):
         super().__init__()
         a, d = cfg.attention, cfg.d_model
-        check_attention_experts(cfg, "umoe_att")
         E, k, r, dk = a.n_experts, a.top_k, a.q_rank, cfg.head_dim
         h = a.expert_dim or dk
         self.E, self.top_k, self.rank, self.dk, self.d = E, k, r, dk, d
@@ -171,17 +182,19 @@ class UMoEFFN(MoEFFN):
     routed experts are the layer's shared bank (`attention.kind: umoe_att` made it, or this
     layer makes it when the attention holds none)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
-                 bank: ExpertBank | None = None):
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
         f = cfg.ffn
+        super().check_config(cfg)
         if f.activation != "silu" or f.gated:
             raise ConfigError(f"model.ffn: umoe_ffn's routed experts are the shared UMoE bank "
                               f"(SiLU, not gated); got activation={f.activation!r}, "
                               f"gated={f.gated}; set model.ffn.activation=silu, "
                               "model.ffn.gated=false")
-        if f.n_experts < 1 or f.top_k < 1:
-            raise ConfigError(f"model.ffn.n_experts / top_k: {f.n_experts} / {f.top_k}; "
-                              "umoe_ffn needs at least one routed expert and top_k >= 1")
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
+                 bank: ExpertBank | None = None):
+        f = cfg.ffn
         if bank is None:
             bank = umoe_bank(cfg, shared, f.n_experts, f.expert_dim, "model.ffn")
         super().__init__(cfg, layer_idx, shared=shared, bank=bank)
