@@ -354,7 +354,9 @@ def _load_any_tokenizer(path):
 
 def cmd_data_prepare(args) -> int:
     from moelab.data.prepare import prepare_data
+    from moelab.fsutil import check_writable
 
+    check_writable(args.out, "--out")  # before the corpus is read and the tokenizer trained
     meta = prepare_data(corpus=args.corpus, tokenizer=args.tokenizer, out=args.out, seed=args.seed)
     counts = meta.get("tokens", {})
     print(f"wrote {args.out}: vocab {meta['vocab_size']}, tokens "
@@ -479,7 +481,9 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from moelab.compare.study import run_compare, tiny_presets
+    from moelab.fsutil import check_writable
 
+    check_writable(args.out, "--out")
     presets = tiny_presets() if args.all_tiny else _names(args.presets)
     try:
         seeds = tuple(int(s) for s in _names(args.seeds))

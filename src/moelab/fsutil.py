@@ -78,8 +78,8 @@ class RunLock:
     def acquire(self) -> "RunLock":
         from moelab.errors import MoelabError
 
-        path = self.directory / self.FILE
-        fh = open(path, "a+")
+        # the file stays empty: taking the lock changes nothing in the directory
+        fh = open(self.directory / self.FILE, "a")
         try:
             import fcntl
 
@@ -87,16 +87,10 @@ class RunLock:
         except ImportError:  # no fcntl (Windows): no lock, as before
             pass
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
             fh.close()
-            raise MoelabError(f"{self.directory}: another moelab process ({holder}) is using "
-                              f"this {self.what}; wait for it to finish or choose another "
-                              "directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n")
-        fh.flush()
+            raise MoelabError(f"{self.directory}: another moelab process is using this "
+                              f"{self.what} (it holds {self.directory / self.FILE}); wait for it "
+                              "to finish or choose another directory") from None
         self._fh = fh
         return self
 

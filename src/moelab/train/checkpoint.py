@@ -71,7 +71,7 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
     try:
         _write_checkpoint_files(final, model, config, extra, _fail_after, state_dict)
     except Exception as e:
-        cause = write_failure(e)
+        cause = write_failure(e, root)
         if cause is None:
             raise
         last = latest_checkpoint(run_dir)
@@ -85,7 +85,7 @@ def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, con
     return final
 
 
-def write_failure(e: BaseException) -> str | None:
+def write_failure(e: BaseException, where: Path | None = None) -> str | None:
     """The cause, in a few words, when `e` is the file system refusing a write (a full disk, a
     read-only or vanished directory, a file-size limit), as each writer reports it: OSError
     from Python, SafetensorError from safetensors, RuntimeError from torch.save's zip writer.
@@ -99,8 +99,22 @@ def write_failure(e: BaseException) -> str | None:
                       "Permission denied", "Disk quota exceeded"):
             if known.lower() in text.lower():
                 return known.lower()
+        # torch.save's zip writer hides the errno: compare the free space with what the
+        # newest checkpoint took (the one that failed needs about as much)
+        free = _free_bytes(where)
+        last = latest_checkpoint(where.parent) if where is not None else None
+        need = sum(f.stat().st_size for f in last.iterdir()) if last is not None else 1 << 20
+        if free is not None and free < need:
+            return f"no space left on device ({free:,} bytes free, a checkpoint needs ~{need:,})"
         return "write failed: " + text.splitlines()[0][:160]
     return None
+
+
+def _free_bytes(path: Path | None) -> int | None:
+    try:
+        return shutil.disk_usage(path).free if path is not None else None
+    except OSError:
+        return None
 
 
 def _write_checkpoint_files(final: Path, model, config: Config, extra, _fail_after,
