@@ -338,3 +338,56 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(run_at_2_a
                      "no space left on device", "step-00000004 is the newest intact")
     assert [c.name for c in ck.list_checkpoints(run_at_2_and_4)][-1] == "step-00000004"
     assert not list((run_at_2_and_4 / "checkpoints").glob(".tmp-*"))
+
+
+# ---- fault injection: SIGKILL during checkpoint saves --------------------------------------
+@pytest.mark.slow
+def test_sigkill_during_saves_then_resume_equals_uninterrupted(tiny_data, tmp_path):
+    """Ten processes killed at random moments while they save a checkpoint after every step;
+    each time `--resume` (or a fresh start, before the first save) goes on, never meets a
+    damaged checkpoint, and the finished run's losses are the uninterrupted run's."""
+    import random
+    import signal
+    import time
+
+    from moelab.train.metrics import read_metrics
+
+    steps = 40
+    argv = [str(a) for a in train_argv(tiny_data, tmp_path / "ref", "--steps", steps, "--set",
+                                       "train.save_every=1", "--set", "train.log_every=1")]
+    moelab(*argv, check_rc=0)
+    want = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref") if "loss" in r}
+    run = tmp_path / "run"
+    argv[argv.index("--out") + 1] = str(run)
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = torn = 0
+    while kills < 10:
+        resume = ["--resume"] if ck.list_checkpoints(run) else []
+        proc = subprocess.Popen([sys.executable, "-m", "moelab", *argv, *resume],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        seen = {p.name for p in ck.list_checkpoints(run)}
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # until this process saved once
+            if {p.name for p in ck.list_checkpoints(run)} - seen:
+                break
+            time.sleep(0.005)
+        while proc.poll() is None and not list((run / "checkpoints").glob(".tmp-*")):
+            time.sleep(0.001)  # the next save has begun ...
+        time.sleep(rng.uniform(0.0, 0.01))  # ... and is killed somewhere in it (or just after)
+        if proc.poll() is not None:
+            break  # finished before the kill: the run is complete
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert "damaged" not in err.decode(), err.decode()
+        kills += 1
+        torn += bool(list((run / "checkpoints").glob(".tmp-*")))  # killed inside a save
+    rc, out, err = moelab(*argv, "--resume", check_rc=0)
+    assert "damaged" not in err
+    assert kills >= 5, "the run finished before enough kills: make it longer"
+    assert torn >= 5, f"only {torn} of {kills} kills fell inside a save"
+    print(f"{kills} kills, {torn} inside a save")
+    got = {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+    assert sorted(got) == list(range(1, steps + 1))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
