@@ -43,6 +43,16 @@ def test_generate_from_untrained_preset(capsys):
     (["convert", "mole-lut", "/nonexistent/run", "--out", "/nonexistent/lut", "--block-size",
       "64"], "--block-size 64: only the nf4 dtype"),
     (["eval", "/nonexistent/run", "--storage", "mmap"], "applies to a converted MoLE directory"),
+    (["info", "--preset", "dense-tiny", "--batch", "0"], "batch 0: expected a positive"),
+    (["info", "--preset", "dense-tiny", "--seq", "0"], "seq_len 0: expected 1..512"),
+    (["info", "--preset", "moe-tiny", "--set", "model.ffn.n_experts=0"], "model.ffn.n_experts: 0"),
+    (["info", "--preset", "moe-tiny", "--set", "model.ffn.top_k=0"], "model.ffn.top_k: 0"),
+    (["generate", "--preset", "dense-tiny", "--num-samples", "0"], "--num-samples 0: expected"),
+    (["generate", "--preset", "dense-tiny", "--max-new-tokens", "-3"], "--max-new-tokens -3"),
+    (["generate", "--preset", "dense-tiny", "--top-p", "2"], "--top-p 2.0: expected a number in"),
+    (["generate", "--preset", "dense-tiny", "--top-p", "0"], "--top-p 0.0: expected a number in"),
+    (["generate", "--preset", "dense-tiny", "--top-k", "0"], "--top-k 0: expected an integer"),
+    (["generate", "--preset", "dense-tiny", "--temperature", "-1"], "--temperature -1.0"),
 ])
 def test_user_errors_are_one_line(capsys, argv, words):
     assert main(argv) == 2

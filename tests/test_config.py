@@ -105,3 +105,69 @@ def test_resolve_errors(tmp_path):
         resolve_config("dense-tiny", sets=["train.lr"])
     with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
         resolve_config("dense-tiny", sets=["train.lrr=1"])
+
+
+# Every size field of the attention and FFN parts, at the values that break layers: a config
+# that validates must also build and run (the kinds' check_config classmethods, called by
+# ModelConfig.validate, refuse the rest). Fails if a kind's constructor or forward raises.
+SIZE_FIELDS = [f"model.{part}.{name}" for part in ("attention", "ffn")
+               for name in ("n_experts", "top_k", "n_shared_experts", "expert_dim", "q_rank",
+                            "n_kv_heads", "head_dim", "d_ff", "shared_expert_dim")]
+
+ONE_BREAKS = ("n_experts", "top_k", "n_kv_heads")  # fields where 1 is also an edge case
+
+
+@pytest.mark.parametrize("preset", [p for p in preset_names() if p.endswith("-tiny")])
+def test_a_config_that_validates_also_builds_and_runs(preset):
+    import torch
+
+    from moelab.model import MoELM
+
+    small = ["model.d_model=48", "model.n_layers=2", "model.vocab_size=64",
+             "model.max_seq_len=16", "train.seq_len=8"]
+    base = load_preset(preset).with_overrides(small)
+    refused = 0
+    for key in SIZE_FIELDS:
+        for value in (0, 1) if key.rsplit(".", 1)[1] in ONE_BREAKS else (0,):
+            try:
+                cfg = base.with_overrides([f"{key}={value}"])
+            except ConfigError as e:
+                assert "\n" not in str(e) and key.rsplit(".", 1)[0] in str(e), str(e)
+                refused += 1
+                continue
+            torch.manual_seed(0)
+            model = MoELM(cfg.model)
+            x_BT = torch.randint(0, 64, (2, 8))
+            model(x_BT, x_BT).loss.backward()
+    assert refused > 0  # every tiny preset has a size some value of which is refused
+
+
+@pytest.mark.parametrize("kind,sets,words", [
+    ("moe", ["model.ffn.n_experts=0"], ["model.ffn.n_experts: 0", "at least one routed expert"]),
+    ("moe", ["model.ffn.top_k=0"], ["model.ffn.top_k: 0", "1..8"]),
+    ("sigma_moe", ["model.ffn.top_k=0"], ["model.ffn.top_k: 0"]),
+    ("mole", ["model.ffn.n_experts=0"], ["model.ffn.n_experts: 0"]),
+    ("mole", ["model.router.bias_rate=0.01"], ["model.router.bias_rate", "every expert"]),
+    ("umoe_ffn", ["model.ffn.gated=true"], ["umoe_ffn", "gated=True"]),
+])
+def test_ffn_kinds_refuse_sizes_they_cannot_build_at_config_time(kind, sets, words):
+    base = load_preset("moe-tiny").with_overrides(
+        [f"model.ffn.kind={kind}", "model.ffn.gated=false", "model.ffn.n_experts=8",
+         "model.ffn.top_k=2"])
+    with pytest.raises(ConfigError) as e:
+        base.with_overrides(sets)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("kind", ["switchhead", "moa", "umoe_att"])
+@pytest.mark.parametrize("field,value", [("n_experts", 0), ("top_k", 0)])
+def test_attention_expert_kinds_refuse_at_config_time(kind, field, value):
+    base = load_preset("moa-tiny").with_overrides([f"model.attention.kind={kind}"])
+    with pytest.raises(ConfigError, match=f"model.attention.{field}: {value}"):
+        base.with_overrides([f"model.attention.{field}={value}"])
+
+
+def test_umoe_attention_and_ffn_banks_must_match_at_config_time():
+    with pytest.raises(ConfigError, match="share one expert bank"):
+        load_preset("umoe-tiny").with_overrides(["model.ffn.expert_dim=7"])

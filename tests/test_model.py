@@ -1,9 +1,11 @@
 import math
+import re
 
 import pytest
 import torch
 
 from helpers import tiny
+from moelab.config import load_preset
 from moelab.model import MoELM, sample_next
 
 
@@ -120,3 +122,23 @@ def test_moeut_init_stds():
     assert m.embed.weight.std().item() == pytest.approx(1 / math.sqrt(d), rel=0.05)
     bound = 1 / math.sqrt(d)  # untied head keeps nn.Linear's default U(-1/sqrt(d), 1/sqrt(d))
     assert m.head.weight.abs().max().item() <= bound + 1e-6
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"max_new_tokens": -1}, "--max-new-tokens -1"),
+    ({"temperature": -0.5}, "--temperature -0.5"),
+    ({"temperature": float("inf")}, "--temperature inf"),
+    ({"top_k": 0}, "--top-k 0"),
+    ({"top_p": 0.0}, "--top-p 0.0"),
+    ({"top_p": 1.5}, "--top-p 1.5"),
+])
+def test_generate_refuses_sampling_arguments_out_of_range(kwargs, words):
+    from moelab.errors import ConfigError
+
+    m = MoELM(load_preset("dense-tiny").model)
+    args = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), **args)
+    with pytest.raises(ConfigError, match="at least one token"):
+        m.generate(torch.zeros(2, 0, dtype=torch.long), 2)
+    assert m.generate(torch.zeros(1, 3, dtype=torch.long), 0).shape == (1, 3)  # 0 new: prompt

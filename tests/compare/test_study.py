@@ -235,3 +235,23 @@ def test_a_second_seed_for_some_members_only(tiny_data, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "Not finished, so not in this table: gated-tiny@s1 (not started)." in table
     assert "| dense-tiny | 0,1 |" in table  # the seed table
+
+
+def test_a_member_started_at_another_length_is_not_stretched(tiny_data, tmp_path, capsys):
+    from train.conftest import TINY
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--presets", "dense-tiny", "--data", str(tiny_data), "--tokens",
+            str(8 * 64 * 4), "--out", str(out), "--task-limit", "4", "--no-progress"]
+    for s in TINY:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    longer = list(argv)
+    longer[longer.index("--tokens") + 1] = str(8 * 64 * 8)
+    capsys.readouterr()
+    assert main(longer) == 2
+    err = capsys.readouterr().err
+    assert "was trained for 4 steps (2,048 tokens); this study asks for 8 steps" in err
+    assert "use a new --out" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
