@@ -47,3 +47,37 @@ def test_atomic_directory_creates_parents(tmp_path):
 
 def test_pid_alive():
     assert pid_alive(os.getpid())
+
+
+def test_run_lock_is_exclusive_and_released_with_its_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from moelab.errors import MoelabError
+    from moelab.fsutil import RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(MoelabError, match="another moelab process is using this run"):
+            RunLock(tmp_path).acquire()
+        # another process is refused too (flock is per open file, across processes)
+        code = ("import sys; from moelab.fsutil import RunLock\n"
+                "try:\n    RunLock(sys.argv[1]).acquire()\nexcept Exception as e:\n"
+                "    print(e); sys.exit(3)\n")
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                           text=True)
+        assert p.returncode == 3 and "another moelab process" in p.stdout
+    RunLock(tmp_path).acquire().release()  # free again once released
+    assert (tmp_path / ".lock").read_bytes() == b""  # taking it writes nothing
+
+
+def test_check_writable_names_the_obstacle(tmp_path):
+    from moelab.errors import MoelabError
+    from moelab.fsutil import check_writable
+
+    check_writable(tmp_path / "new" / "deeper")  # missing folders are fine: they can be made
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MoelabError, match=f"is under {blocker}, which is a file"):
+        check_writable(blocker / "run", "--out")
+    with pytest.raises(MoelabError, match="is a file; expected a directory"):
+        check_writable(blocker, "--out")
