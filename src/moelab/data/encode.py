@@ -18,7 +18,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from moelab.data.tokenizer import split_for_encoding
+
 GROUP_CHARS = 1 << 21  # 2 Mi characters: about a second of work for one core
+_SUB_BATCH = 64  # pieces of ~4 k characters per encode_batch call
 
 _WORKER: dict = {}
 
@@ -35,23 +38,35 @@ def _init_worker(tokenizer_json: str, eos_token: str, dtype: str) -> None:
 
 def encode_group(texts: list[str], splits: list[str], tok=None, dtype=None
                  ) -> dict[str, np.ndarray]:
-    """{split: tokens of that split's documents of the group, in order, each followed by EOS}."""
+    """{split: tokens of that split's documents of the group, in order, each followed by EOS}.
+
+    Pieces are encoded `_SUB_BATCH` at a time and turned into numpy at once: a Rust `Encoding`
+    keeps offsets and token strings for every token, so encoding a whole group in one call
+    would cost far more memory than the text.
+    """
     tok = tok if tok is not None else _WORKER["tok"]
-    dtype = dtype if dtype is not None else _WORKER["dtype"]
-    ids = tok.encode_documents(texts)
-    out: dict[str, list[int]] = {}
-    for split, doc_ids in zip(splits, ids):
-        flat = out.setdefault(split, [])
-        flat.extend(doc_ids)
-        flat.append(tok.eos_id)
+    dtype = np.dtype(dtype if dtype is not None else _WORKER["dtype"])
+    pieces: list[str] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        parts = split_for_encoding(text)
+        pieces.extend(parts)
+        owners.extend([i] * len(parts))
+    eos = np.array([tok.eos_id], dtype=dtype)
+    chunks: dict[str, list[np.ndarray]] = {s: [] for s in dict.fromkeys(splits)}
     limit = np.iinfo(dtype).max
-    result = {}
-    for split, flat in out.items():
-        arr = np.asarray(flat, dtype=np.int64)
-        if arr.size and arr.max() > limit:
-            raise ValueError(f"token id {int(arr.max())} does not fit {dtype.name}")
-        result[split] = arr.astype(dtype)
-    return result
+    for b in range(0, len(pieces), _SUB_BATCH):
+        encodings = tok.hf.encode_batch(pieces[b:b + _SUB_BATCH], add_special_tokens=False)
+        for j, enc in enumerate(encodings, b):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            if ids.size and ids.max() > limit:
+                raise ValueError(f"token id {int(ids.max())} does not fit {dtype.name}")
+            split = splits[owners[j]]
+            chunks[split].append(ids.astype(dtype))
+            if j + 1 == len(pieces) or owners[j + 1] != owners[j]:  # the document's last piece
+                chunks[split].append(eos)
+        del encodings
+    return {s: np.concatenate(c) for s, c in chunks.items()}
 
 
 def _groups(docs: Iterable[tuple[str, str, str]], group_chars: int
@@ -78,13 +93,14 @@ def _groups(docs: Iterable[tuple[str, str, str]], group_chars: int
 
 def encode_stream(docs: Iterable[tuple[str, str, str]], tok, dtype: np.dtype, workers: int,
                   on_group: Callable[[dict, dict[str, np.ndarray]], None],
-                  group_chars: int = GROUP_CHARS) -> None:
+                  group_chars: int | None = None) -> None:
     """Encode (split, text, title) triples with `workers` processes and call
     on_group(info, arrays) for each group in order.
 
     `info` holds the group's number of documents and its characters and titles per split, so the
     caller can checkpoint exactly what is written.
     """
+    group_chars = GROUP_CHARS if group_chars is None else group_chars
     if workers == 1:  # in this process, one thread: no start-up cost, no __main__ guard needed
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

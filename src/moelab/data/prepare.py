@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from moelab.data.corpus import (HASH_TEST_FRACTION, HASH_VAL_FRACTION, StreamSplit,
-                                split_documents)
+                                split_documents, uses_fixed_split)
 from moelab.data.encode import encode_stream
 from moelab.data.readers import Corpus
 from moelab.data.shards import (DEFAULT_SHARD_TOKENS, FORMAT, FORMAT_VERSION, META_FILE, SPLITS,
@@ -94,8 +94,8 @@ def prepare_data(corpus: str = "default", tokenizer: str = "bpe:8192",
                     progress, _on_checkpoint)
         meta.update(source=str(corpus), prepare_seconds=round(time.perf_counter() - start, 2))
         write_meta(work, meta)
-        (work / PROGRESS_FILE).unlink()
-        (work / ".owner").unlink()
+        (work / PROGRESS_FILE).unlink(missing_ok=True)
+        (work / ".owner").unlink(missing_ok=True)
         _move_into_place(work, out)
     except DataError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
@@ -170,11 +170,13 @@ class _Plan:
                                         "expected some text")
                     self.small = split_documents(docs, opts["seed"],
                                                  opts["val_fraction"], opts["test_fraction"])
-                    method = "whole-corpus"
+                    # the whole-corpus rules: fixed titles when present, else a hash of the
+                    # title with val and test never empty
+                    method = "fixed-titles" if uses_fixed_split(docs) else "small-corpus"
                 del docs
             method = "hash" if method == "auto" else method
         self.method = method
-        self.rule = StreamSplit(method if method != "whole-corpus" else "hash",
+        self.rule = StreamSplit(method if method != "small-corpus" else "hash",
                                 opts["seed"], opts["val_fraction"], opts["test_fraction"])
         self.part_method = source.part_method(self.part[1]) if self.part else None
 
@@ -208,6 +210,7 @@ def _run(plan: _Plan, tokenizer: str, work: Path, state: dict, opts: dict, say,
         tok.save(work / TOKENIZER_FILE)
         state.update(next_doc=0, writers={}, characters=dict.fromkeys(SPLITS, 0),
                      titles={"val": [], "test": []}, bpe_sample=sample, checkpoints=0)
+        write_json_atomic(work / PROGRESS_FILE, state)  # a resume need not train BPE again
     else:
         tok = load_tokenizer(work / TOKENIZER_FILE)
         say(f"resuming from document {state['next_doc']:,} ({state['checkpoints']} checkpoints)")
