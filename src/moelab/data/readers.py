@@ -199,18 +199,45 @@ def _read_txt(path: Path, title: str) -> Iterator[dict]:
         yield {"title": f"{title} (part {k + 1})", "text": "".join(pieces)}
 
 
-def _open_zst(path: Path):
-    try:
-        from compression import zstd  # Python >= 3.14
-        return zstd.open(path, "rb")
-    except ImportError:
-        pass
-    try:
-        import zstandard
-    except ImportError as e:
-        raise DataError(f"corpus: reading {path} needs zstandard (pip install zstandard)") from e
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
-                                                                        closefd=True))
+class _ZstLines:
+    """Lines of a .zst file (one or more frames), raising on a truncated last frame.
+
+    Decompressing with `decompressobj` rather than a stream reader because only it tells
+    whether the input ended inside a frame (a cut-off download would otherwise look complete).
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import zstandard
+        except ImportError as e:
+            raise DataError(f"corpus: reading {path} needs zstandard (pip install zstandard)") \
+                from e
+        self.zstandard, self.path = zstandard, path
+
+    def __enter__(self):
+        self.file = open(self.path, "rb")
+        return self._lines()
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def _lines(self) -> Iterator[bytes]:
+        d = self.zstandard.ZstdDecompressor().decompressobj()
+        tail = b""
+        while block := self.file.read(_TXT_BLOCK):
+            data = d.decompress(block)
+            while d.eof and d.unused_data:  # the next frame begins in this block
+                rest = d.unused_data
+                d = self.zstandard.ZstdDecompressor().decompressobj()
+                data += d.decompress(rest)
+            lines = (tail + data).split(b"\n")
+            tail = lines.pop()
+            yield from lines
+        if not d.eof:
+            raise DataError(f"corpus: {self.path} is not a valid .jsonl.zst file (it ends inside "
+                            "a zstd frame: truncated)")
+        if tail:
+            yield tail
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:
@@ -225,7 +252,7 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 
 def _read_jsonl(path: Path, title: str, suffix: str) -> Iterator[dict]:
     openers: dict[str, Any] = {".jsonl.xz": lzma.open, ".jsonl.gz": gzip.open,
-                               ".jsonl.zst": _open_zst, ".jsonl": open}
+                               ".jsonl.zst": lambda p, mode: _ZstLines(p), ".jsonl": open}
     bad = _decompress_errors()
     try:
         # binary lines: json.loads decodes UTF-8 itself, and JSON escapes newlines in strings
