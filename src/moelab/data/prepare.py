@@ -112,6 +112,7 @@ def parse_part(part) -> tuple[int, int] | None:
     """'I/N' or (I, N) -> (I, N) with 0 <= I < N; None stays None."""
     if part is None:
         return None
+    given = part
     if isinstance(part, str):
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", part)
         if m is None:
@@ -120,7 +121,7 @@ def parse_part(part) -> tuple[int, int] | None:
     if (not isinstance(part, (tuple, list)) or len(part) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in part)
             or not 0 <= part[0] < part[1]):
-        raise DataError(f"part: {part!r}; expected I/N with 0 <= I < N")
+        raise DataError(f"part: {given!r}; expected I/N with 0 <= I < N")
     return int(part[0]), int(part[1])
 
 
