@@ -197,8 +197,8 @@ def _data_prepare_args(q: argparse.ArgumentParser) -> None:
     from moelab.data.shards import DEFAULT_SHARD_TOKENS
 
     q.add_argument("--workers", type=int, default=None,
-                   help="encoding processes (default: the CPU count; the output does not depend "
-                        "on it)")
+                   help="encoding processes (default: the CPU count, 1 for a tiny corpus; "
+                        "the output does not depend on it)")
     q.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS})")
     q.add_argument("--split", default="auto", choices=SPLIT_METHODS,

@@ -46,6 +46,11 @@ SMALL_CORPUS_CHARS = 64 * 2**20
 SPLIT_METHODS = ("auto", "hash", "fixed-titles")
 PROGRESS_FILE = "progress.json"
 _MAX_TITLES = 10_000  # held-out titles recorded in meta.json per split
+_ONE_WORKER_CHARS = 4 * 2**20
+
+
+def chars_in(splits: dict[str, list[dict]]):
+    return (len(d["text"]) for docs in splits.values() for d in docs)
 
 
 def prepare_data(corpus: str = "default", tokenizer: str = "bpe:8192",
@@ -66,7 +71,8 @@ def prepare_data(corpus: str = "default", tokenizer: str = "bpe:8192",
     seed: salts the hash split. split: 'auto' (fixed titles for the bundled corpus, the
         whole-corpus rules for a corpus under SMALL_CORPUS_CHARS, else 'hash'), 'hash' (per
         document, `val_fraction` / `test_fraction`) or 'fixed-titles'.
-    workers: encoding processes (default: the CPU count). The output does not depend on it.
+    workers: encoding processes (default: the CPU count, or 1 for a corpus of under 4 Mi
+        characters). The output does not depend on it.
     shard_tokens: tokens per shard (the last shard of a split holds the rest).
     part: (I, N) or 'I/N': prepare only part I of N of the corpus (see `readers.Corpus`), for
         `merge_parts`; the split is then always per document.
@@ -137,7 +143,7 @@ def _check_options(out, seed, workers, shard_tokens, split, val_fraction, test_f
 
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DataError(f"seed: {seed!r}; expected an integer >= 0")
-    workers = positive("workers", workers) if workers is not None else (os.cpu_count() or 1)
+    workers = positive("workers", workers) if workers is not None else None  # None: see _run
     if split not in SPLIT_METHODS:
         raise DataError(f"split: {split!r}; expected one of {SPLIT_METHODS}")
     for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -246,8 +252,12 @@ def _run(plan: _Plan, tokenizer: str, work: Path, state: dict, opts: dict, say,
             if on_checkpoint is not None:
                 on_checkpoint(state["checkpoints"])
 
+    workers = opts["workers"]
+    if workers is None:  # the CPU count; one for a small corpus, where starting processes
+        small = plan.small is not None and sum(chars_in(plan.small)) < _ONE_WORKER_CHARS
+        workers = 1 if small else (os.cpu_count() or 1)  # costs more than it saves
     try:
-        encode_stream(docs(), tok, dtype, opts["workers"], on_group)
+        encode_stream(docs(), tok, dtype, workers, on_group)
     except ValueError as e:  # a token id outside the dtype: the tokenizer lies about its size
         raise DataError(f"tokenizer: {e}; its vocab_size {tok.vocab_size} is wrong") from e
     finally:
