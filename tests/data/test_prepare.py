@@ -181,3 +181,31 @@ def test_prepares_a_corpus_several_times_larger_than_a_memory_cap(tmp_path):
     verify(tmp_path / "big")
     assert os.path.getsize(big) > 4 * cap_mb * 2**20
     assert np.asarray(open_shard(tmp_path / "big", "train")[:10]).size == 10
+
+
+def test_a_changed_corpus_is_not_resumed(corpus, tmp_path, monkeypatch):
+    import shutil
+
+    import moelab.data.encode as encode_mod
+
+    copy = tmp_path / "c.jsonl"
+    shutil.copy(corpus, copy)
+
+    def stop(n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_mod, "GROUP_CHARS", 20_000)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(str(copy), out=tmp_path / "o", workers=1, _on_checkpoint=stop, **OPTS)
+    assert (tmp_path / ".o.partial" / "progress.json").is_file()
+    with open(copy, "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    meta = prepare_data(str(copy), out=tmp_path / "o", workers=1, **OPTS)
+    assert sum(meta["documents"].values()) == 301  # all of it, not a resume of the old file
+
+
+def test_empty_corpus_with_hash_split_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        prepare_data(str(tmp_path / "e.jsonl"), out=tmp_path / "o", workers=1, **OPTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]

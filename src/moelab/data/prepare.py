@@ -88,6 +88,7 @@ def prepare_data(corpus: str = "default", tokenizer: str = "bpe:8192",
     plan = _Plan(source, opts)
     fingerprint = {"format": FORMAT_VERSION, "corpus": str(corpus), "tokenizer": str(tokenizer),
                    "tokenizer_sha256": _given_tokenizer_sha(tokenizer),
+                   "corpus_files": source.signature(),
                    **{k: v for k, v in opts.items() if k != "workers"}}
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back
 
@@ -262,6 +263,8 @@ def _run(plan: _Plan, tokenizer: str, work: Path, state: dict, opts: dict, say,
         raise DataError(f"tokenizer: {e}; its vocab_size {tok.vocab_size} is wrong") from e
     finally:
         bar.close()
+    if state["next_doc"] == 0 and plan.part is None:
+        raise DataError(f"corpus {plan.source.spec}: no non-empty documents; expected some text")
     shards = {s: writers[s].close() for s in SPLITS}
     if plan.part is None:
         for s in ("val", "test"):

@@ -91,6 +91,17 @@ class Corpus:
                 self.kind = "files"
                 self.files = [(path.name, path)]
 
+    def signature(self) -> str | None:
+        """A digest of the files' names, sizes and modification times (None for HF corpora):
+        a resumed prepare must read the same corpus as the one it continues."""
+        if not self.files:
+            return None
+        h = hashlib.sha256()
+        for title, path in self.files:
+            st = path.stat()
+            h.update(f"{title}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
     def part_method(self, count: int) -> str:
         """'file' when there are at least `count` files to share out, else 'hash'."""
         return "file" if self.kind == "files" and len(self.files) >= count else "hash"
