@@ -1,8 +1,8 @@
 """`merge_parts`: join the data directories of `prepare --part I/N` (one per machine) into one.
 
 Each part is verified first (every shard's size and SHA-256), then the parts must fit together:
-the same tokenizer (by SHA-256), the same corpus and split settings, the same N, every index
-0..N-1 exactly once. The merged manifest lists part 0's shards, then part 1's, and so on; shard
+the same tokenizer (by SHA-256), the same split settings and shard size, the same N, every
+index 0..N-1 exactly once. The merged manifest lists part 0's shards, then part 1's, and so on; shard
 files are hard-linked (or copied) into a hidden directory that is renamed into place at the end.
 With parts made by file (a folder of at least N files), the merged token stream is the one a
 single prepare of the whole corpus writes.
@@ -18,7 +18,8 @@ from moelab.data.shards import (SPLITS, TOKENIZER_FILE, manifest_sha256, verify,
 from moelab.errors import DataError
 
 # keys that every part must share, and how to name them in an error
-_SAME = {"vocab_size": "vocab_size", "eos_id": "eos_id", "dtype": "dtype", "source": "corpus",
+# (not the corpus path: machines may mount the same corpus at different paths)
+_SAME = {"vocab_size": "vocab_size", "eos_id": "eos_id", "dtype": "dtype",
          "split": "split settings", "shard_tokens": "shard_tokens"}
 
 
