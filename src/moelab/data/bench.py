@@ -178,6 +178,10 @@ def verdicts(result: dict) -> list[str]:
     ratios = [r["chars_per_s"] / r["reference"]["chars_per_s"] for r in rows]
     out.append(f"throughput / in-memory encode_batch: {min(ratios):.2f}-{max(ratios):.2f}x "
                "(target >= 0.8x)")
+    for r in rows:
+        out.append(f"per GB of text at {r['gb']} GB: {1e9 / r['chars_per_s'] / 60:.1f} min with "
+                   f"{r['workers']} workers, {r['tokens'] * 2 / r['chars'] * 1e3:.0f} MB of uint16 "
+                   "shards")
     first = rows[0]
     if "one_worker" in first:
         out.append(f"{result['workers']} workers / 1 worker at {first['gb']} GB: "
@@ -198,22 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-results", action="store_true",
                    help="replace the data_prepare section of benchmarks/RESULTS.md")
     p.add_argument("--results-file", default=None)
+    p.add_argument("--from-json", metavar="FILE",
+                   help="render the result a previous `--json` run printed (no measuring); "
+                        "with --write-results give that run's command as --command")
+    p.add_argument("--command", default=None, help="the command recorded in RESULTS.md")
     args = p.parse_args(argv)
-    load_before = load_average()
-    tmp = None if args.workdir else tempfile.mkdtemp(prefix="moelab-bench-data-")
-    workdir = Path(args.workdir or tmp)
-    try:
-        result = run_benchmark(args.sizes_gb, args.workers, args.reference_chars, workdir,
-                               scaling=not args.no_scaling,
-                               say=lambda m: print(f"[bench] {m}", file=sys.stderr))
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    result["load_before"], result["load_after"] = load_before, load_average()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+    else:
+        load_before = load_average()
+        tmp = None if args.workdir else tempfile.mkdtemp(prefix="moelab-bench-data-")
+        workdir = Path(args.workdir or tmp)
+        try:
+            result = run_benchmark(args.sizes_gb, args.workers, args.reference_chars, workdir,
+                                   scaling=not args.no_scaling,
+                                   say=lambda m: print(f"[bench] {m}", file=sys.stderr))
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        result["load_before"], result["load_after"] = load_before, load_average()
+        result["date"] = datetime.date.today().isoformat()
     print(json.dumps(result) if args.json else markdown(result) + "\n" + "\n".join(verdicts(result)))
     if args.write_results:
-        command = "moelab bench data-prepare " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
+        command = args.command or "moelab bench data-prepare " + " ".join(
+            argv if argv is not None else sys.argv[1:])
         write_section("data_prepare", results_section(result, command.strip()),
                       args.results_file)
     return 0
@@ -224,7 +236,7 @@ def results_section(result: dict, command: str) -> str:
         "## Data prepare: streaming, parallel, sharded (`moelab bench data-prepare`)",
         "",
         f"Command: `{command}`  ",
-        f"Date: {datetime.date.today().isoformat()}, CPU: {cpu_name()} ({cpu_features()}), "
+        f"Date: {result.get('date', datetime.date.today().isoformat())}, CPU: {cpu_name()} ({cpu_features()}), "
         f"{os.cpu_count()} cores, 1-minute load average before / after: "
         f"{result['load_before']} / {result['load_after']}.  ",
         "Corpora: synthetic .jsonl made from the bundled text (random runs of its words, 5 % "
