@@ -18,4 +18,4 @@ def test_corpus_does_not_repeat_and_one_point_runs(tmp_path):
     assert row["chars"] == chars and row["peak_rss"] > 10 * 2**20 and row["tokens"] > 0
     assert row["reference"]["chars"] >= 100_000
     result = {"rows": [row], "workers": 1, "reference_chars": 100_000}
-    assert "| 1 |" in markdown(result) and len(verdicts(result)) == 3
+    assert "| 1 |" in markdown(result) and len(verdicts(result)) == 4

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
@@ -26,14 +28,23 @@ _SUB_BATCH = 64  # pieces of ~4 k characters per encode_batch call
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, eos_token: str, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, eos_token: str, dtype: str, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # A worker holds both ends of the pool's task pipe, so it would not see a killed parent
+    # as end-of-file; it watches its parent instead and exits when it is gone.
+    threading.Thread(target=_exit_without_parent, args=(parent,), daemon=True).start()
     from tokenizers import Tokenizer as HFTokenizer
 
     from moelab.data.tokenizer import Tokenizer
 
     _WORKER["tok"] = Tokenizer(HFTokenizer.from_str(tokenizer_json), eos_token)
     _WORKER["dtype"] = np.dtype(dtype).newbyteorder("<")
+
+
+def _exit_without_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def encode_group(texts: list[str], splits: list[str], tok=None, dtype=None
@@ -118,7 +129,8 @@ def encode_stream(docs: Iterable[tuple[str, str, str]], tok, dtype: np.dtype, wo
     ctx = mp.get_context("spawn")
     max_pending = 2 * workers
     with ctx.Pool(workers, initializer=_init_worker,
-                  initargs=(tok.hf.to_str(), tok.eos_token, np.dtype(dtype).name)) as pool:
+                  initargs=(tok.hf.to_str(), tok.eos_token, np.dtype(dtype).name,
+                            os.getpid())) as pool:
         pending: deque = deque()
         for texts, splits, info in _groups(docs, group_chars):
             pending.append((info, pool.apply_async(encode_group, (texts, splits))))
