@@ -91,3 +91,39 @@ def test_info_world_shows_training_state_per_process(capsys):
     assert "training state per process on 2" in capsys.readouterr().out
     assert main(["info", "--preset", "moe-tiny", "--world", "0"]) == 2
     assert "--world 0" in capsys.readouterr().err
+
+
+def test_data_prepare_parts_merge_verify(tmp_path, capsys):
+    import json as _json
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for f in range(2):
+        (root / f"{f}.jsonl").write_text("".join(
+            _json.dumps({"text": f"file {f} document {i}: " + "some words here " * (i % 7 + 1)})
+            + "\n" for i in range(60)))
+    common = ["--tokenizer", "bpe:280", "--workers", "1", "--shard-tokens", "500",
+              "--split", "hash", "--val-fraction", "0.1", "--test-fraction", "0.1"]
+    for i in range(2):
+        assert main(["data", "prepare", "--corpus", str(root), "--out", str(tmp_path / f"p{i}"),
+                     "--part", f"{i}/2", *common]) == 0
+    assert main(["data", "merge", str(tmp_path / "p1"), str(tmp_path / "p0"),
+                 "--out", str(tmp_path / "m")]) == 0
+    assert main(["data", "verify", str(tmp_path / "m")]) == 0
+    assert "shards and the tokenizer match meta.json" in capsys.readouterr().out
+    assert main(["data", "merge", str(tmp_path / "p0"), "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err
+    assert "parts [1] of 2 are missing" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["data", "prepare", "--corpus", "/nonexistent/c.jsonl", "--out", "/tmp/moelab-x"],
+     "does not exist"),
+    (["data", "prepare", "--out", "/tmp/moelab-x", "--part", "2/2"], "part: '2/2'"),
+    (["data", "prepare", "--out", "/tmp/moelab-x", "--workers", "0"], "workers: 0"),
+    (["data", "verify", "/nonexistent/data"], "does not exist"),
+])
+def test_data_errors_are_one_line(capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -68,7 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", default="bpe:8192", help="bpe:VOCAB | PATH/tokenizer.json")
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
+    _data_prepare_args(q)
     q.set_defaults(func=cmd_data_prepare)
+    q = dsub.add_parser("merge", help="join the data dirs of `prepare --part I/N` into one")
+    q.add_argument("parts", nargs="+", help="the part directories (any order)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--copy", action="store_true", help="copy shards instead of hard-linking")
+    q.set_defaults(func=cmd_data_merge)
+    q = dsub.add_parser("verify", help="check every shard's size and SHA-256 against meta.json")
+    q.add_argument("data_dir")
+    q.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser("train", help="train a model")
     _model_args(p)
@@ -167,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--write-results, ...)")
     q.set_defaults(func=cmd_bench_mole_decode)
 
+    q = bsub.add_parser("data-prepare", help="prepare throughput and peak memory vs corpus size, "
+                                             "against in-memory encode_batch")
+    q.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="options of benchmarks/data_prepare.py (--sizes-gb, --workers, ...)")
+    q.set_defaults(func=cmd_bench_data_prepare)
+
     p = sub.add_parser("demo", help="the main job: prepare data, train, evaluate, sample")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--presets", default=None, help="comma-separated presets (default: every *-tiny)")
@@ -176,6 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap
+
+
+def _data_prepare_args(q: argparse.ArgumentParser) -> None:
+    from moelab.data.prepare import DEFAULT_BPE_SAMPLE_CHARS, SPLIT_METHODS
+    from moelab.data.shards import DEFAULT_SHARD_TOKENS
+
+    q.add_argument("--workers", type=int, default=None,
+                   help="encoding processes (default: the CPU count, 1 for a tiny corpus; "
+                        "the output does not depend on it)")
+    q.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS})")
+    q.add_argument("--split", default="auto", choices=SPLIT_METHODS,
+                   help="how documents are assigned to train/val/test (docs/data.md)")
+    q.add_argument("--val-fraction", type=float, default=0.02)
+    q.add_argument("--test-fraction", type=float, default=0.02)
+    q.add_argument("--bpe-sample-chars", type=int, default=DEFAULT_BPE_SAMPLE_CHARS,
+                   help=f"bpe:VOCAB trains on this many train characters (default "
+                        f"{DEFAULT_BPE_SAMPLE_CHARS:,})")
+    q.add_argument("--part", metavar="I/N",
+                   help="prepare only part I of N (0-based) of the corpus; join with `data merge`")
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:
@@ -357,10 +392,31 @@ def cmd_data_prepare(args) -> int:
     from moelab.fsutil import check_writable
 
     check_writable(args.out, "--out")  # before the corpus is read and the tokenizer trained
-    meta = prepare_data(corpus=args.corpus, tokenizer=args.tokenizer, out=args.out, seed=args.seed)
+    meta = prepare_data(corpus=args.corpus, tokenizer=args.tokenizer, out=args.out, seed=args.seed,
+                        workers=args.workers, shard_tokens=args.shard_tokens, split=args.split,
+                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        bpe_sample_chars=args.bpe_sample_chars, part=args.part)
     counts = meta.get("tokens", {})
     print(f"wrote {args.out}: vocab {meta['vocab_size']}, tokens "
           + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_data_merge(args) -> int:
+    from moelab.data.merge import merge_parts
+
+    meta = merge_parts(args.parts, args.out, link=not args.copy)
+    print(f"wrote {args.out}: {len(args.parts)} parts, tokens "
+          + ", ".join(f"{k} {v:,}" for k, v in meta["tokens"].items()))
+    return 0
+
+
+def cmd_data_verify(args) -> int:
+    from moelab.data.shards import verify
+
+    meta = verify(args.data_dir)
+    n = sum(len(v) for v in meta["shards"].values())
+    print(f"{args.data_dir}: {n} shards and the tokenizer match meta.json")
     return 0
 
 
@@ -499,6 +555,12 @@ def cmd_compare(args) -> int:
 
 def cmd_bench_moe_layer(args) -> int:
     from moelab.ops.bench import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def cmd_bench_data_prepare(args) -> int:
+    from moelab.data.bench import main as bench_main
 
     return bench_main(args.rest) or 0
 

@@ -116,3 +116,56 @@ def test_loader_errors(small_data, tmp_path):
         TokenLoader(d, "val", 4, 10**7)
     with pytest.raises(DataError, match="step"):
         TokenLoader(d, "train", 4, 16).get_batch(-1)
+
+
+def _write_v2(d, tokens, shard_tokens, vocab_size=1000):
+    """A format-2 data dir whose train split is `tokens` cut into shards of `shard_tokens`."""
+    from moelab.data.shards import SplitWriter, manifest_sha256, token_dtype, write_meta
+
+    d.mkdir()
+    dtype = token_dtype(vocab_size)
+    w = SplitWriter(d, "train", dtype, 0, shard_tokens)
+    w.write(tokens)
+    shards = w.close()
+    write_meta(d, {"format": "moelab-shards", "version": 2, "vocab_size": vocab_size,
+                   "eos_id": 0, "dtype": dtype.name, "tokens": {"train": len(tokens)},
+                   "documents": {"train": int((tokens == 0).sum())}, "shards": {"train": shards},
+                   "sha256": {"train": manifest_sha256(shards)},
+                   "files": {"train": [s["file"] for s in shards]}})
+    return shards
+
+
+def test_loader_over_three_shards_equals_one(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 1000, size=9_000)
+    tokens[rng.random(9_000) < 0.01] = 0  # document ends
+    assert len(_write_v2(tmp_path / "three", tokens, 3_100)) == 3
+    assert len(_write_v2(tmp_path / "one", tokens, 10_000)) == 1
+    for sampling in ("random", "packed"):
+        for ws in (1, 2):
+            for rank in range(ws):
+                a, b = (TokenLoader(tmp_path / n, "train", 8, 33, seed=1, sampling=sampling,
+                                    rank=rank, world_size=ws) for n in ("three", "one"))
+                for step in (0, 1, 17, 40):  # 40 * 8 * 33 tokens: past the first epoch
+                    assert all(torch.equal(u, v) for u, v in zip(a.get_batch(step),
+                                                                   b.get_batch(step)))
+                for (xa, ya), (xb, yb) in zip(a.eval_batches(3), b.eval_batches(3)):
+                    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    docs3 = [d.tolist() for d in iter_documents(tmp_path / "three", "train", block_tokens=1000)]
+    docs1 = [d.tolist() for d in iter_documents(tmp_path / "one", "train")]
+    assert docs3 == docs1 and sum(map(len, docs1)) + len(docs1) - 1 <= 9_000
+
+
+def test_sharded_tokens_slices_and_gathers(tmp_path):
+    from moelab.data.shards import open_shard
+
+    tokens = np.arange(1, 1000) % 997 + 1
+    _write_v2(tmp_path / "s", tokens, 100)
+    view = open_shard(tmp_path / "s", "train")
+    assert len(view) == len(tokens) and type(view).__name__ == "ShardedTokens"
+    for a, b in [(0, 999), (95, 205), (100, 200), (299, 301), (998, 999), (5, 5)]:
+        assert np.array_equal(view[a:b], tokens[a:b]), (a, b)
+    idx = np.array([[0, 99, 100], [998, 500, 1]])
+    assert np.array_equal(view[idx], tokens[idx])
+    with pytest.raises(IndexError):
+        view[np.array([999])]

@@ -13,7 +13,8 @@ from moelab.data.tokenizer import load_tokenizer
 from moelab.errors import DataError
 
 META_KEYS = {"vocab_size", "eos_id", "dtype", "tokens", "documents", "sha256", "files", "source",
-             "tokenizer", "val_titles", "test_titles", "characters", "split", "format", "version"}
+             "tokenizer", "val_titles", "test_titles", "characters", "split", "format", "version",
+             "shards", "shard_tokens", "part"}
 
 
 def test_token_dtype():
@@ -40,10 +41,14 @@ def test_meta_and_hashes(small_data, small_corpus_file):
     assert meta["source"] == str(small_corpus_file)
     assert meta["val_titles"] == ["macbeth"] and meta["test_titles"] == ["sonnets"]
     assert meta["split"]["method"] == "fixed-titles" and meta["tokenizer"]["trained_on"] == "train"
+    assert meta["version"] == 2
     for split in ("train", "val", "test"):
-        path = data_dir / meta["files"][split]
-        assert sha256_file(path) == meta["sha256"][split]
-        assert os.path.getsize(path) == 2 * meta["tokens"][split]
+        (entry,) = meta["shards"][split]  # the default shard size holds the whole split
+        path = data_dir / entry["file"]
+        assert meta["files"][split] == [entry["file"]] == [f"{split}-000-00000.bin"]
+        assert sha256_file(path) == entry["sha256"]
+        assert os.path.getsize(path) == 2 * meta["tokens"][split] == 2 * entry["tokens"]
+        assert entry["documents"] == meta["documents"][split]
         shard = open_shard(data_dir, split)
         # one EOS after each document, and the shard ends with one
         assert int((shard == meta["eos_id"]).sum()) == meta["documents"][split]
@@ -75,12 +80,12 @@ def _copy(data_dir, tmp_path):
 def test_verify_catches_modified_shard(small_data, tmp_path):
     d = _copy(small_data[0], tmp_path)
     verify(d)
-    with open(d / "val.bin", "r+b") as f:
+    with open(d / "val-000-00000.bin", "r+b") as f:
         f.seek(10)
         byte = f.read(1)
         f.seek(10)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(DataError, match=r"val.bin: sha256 .* does not match"):
+    with pytest.raises(DataError, match=r"val-000-00000.bin: sha256 .* does not match"):
         verify(d)
     (d / "tokenizer.json").write_text("{}")
     with pytest.raises(DataError):
@@ -90,13 +95,13 @@ def test_verify_catches_modified_shard(small_data, tmp_path):
 def test_truncated_shard(small_data, tmp_path):
     d = _copy(small_data[0], tmp_path)
     expected = small_data[1]["tokens"]["train"]
-    with open(d / "train.bin", "r+b") as f:
+    with open(d / "train-000-00000.bin", "r+b") as f:
         f.truncate(2 * (expected - 100))
-    with pytest.raises(DataError, match=rf"train.bin: expected {expected} uint16 tokens, "
-                                        rf"found {expected - 100}"):
+    with pytest.raises(DataError, match=rf"train-000-00000.bin: expected {expected} uint16 "
+                                        rf"tokens, found {expected - 100}"):
         open_shard(d, "train")
-    (d / "val.bin").unlink()
-    with pytest.raises(DataError, match="val.bin is missing"):
+    (d / "val-000-00000.bin").unlink()
+    with pytest.raises(DataError, match="val-000-00000.bin is missing"):
         open_shard(d, "val")
     with pytest.raises(DataError, match="no split 'dev'"):
         open_shard(d, "dev")
@@ -135,14 +140,29 @@ def test_prepare_errors(tmp_path, small_corpus_file):
     assert (busy / "precious.txt").read_text() == "user data"
 
 
-def test_interrupted_prepare_leaves_nothing(tmp_path, small_corpus_file, monkeypatch):
+def test_interrupted_prepare_leaves_no_output_and_resumes(tmp_path, small_corpus_file,
+                                                           monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_mod, "_write_split", boom)
+    monkeypatch.setattr(prepare_mod, "encode_stream", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(str(small_corpus_file), "bpe:300", out=tmp_path / "out", progress=False)
-    assert list(tmp_path.iterdir()) == []
+    # no output, only the hidden work dir (with the trained tokenizer) that a rerun resumes
+    assert [p.name for p in tmp_path.iterdir()] == [".out.partial"]
+    monkeypatch.undo()
+    prepare_data(str(small_corpus_file), "bpe:300", out=tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    verify(tmp_path / "out")
+
+
+def test_bad_input_midway_leaves_nothing(tmp_path):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50))
+                   + '{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:51: no field 'text'"):
+        prepare_data(str(bad), "bpe:300", out=tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
 def test_prepare_with_existing_tokenizer_replaces_dir(small_data, tmp_path, small_corpus_file):

@@ -13,10 +13,10 @@ from importlib import import_module
 
 _EXPORTS = {
     "load_default_corpus": "corpus", "split_documents": "corpus", "VAL_TITLES": "corpus",
-    "TEST_TITLES": "corpus", "read_corpus": "readers",
+    "TEST_TITLES": "corpus", "StreamSplit": "corpus", "read_corpus": "readers", "Corpus": "readers",
     "Tokenizer": "tokenizer", "train_bpe": "tokenizer", "load_tokenizer": "tokenizer",
     "token_dtype": "shards", "load_meta": "shards", "open_shard": "shards", "verify": "shards",
-    "prepare_data": "prepare",
+    "prepare_data": "prepare", "merge_parts": "merge", "ShardedTokens": "shards",
     "TokenLoader": "loader", "iter_documents": "loader",
 }
 

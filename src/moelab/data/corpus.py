@@ -70,7 +70,8 @@ def uses_fixed_split(docs: Iterable[dict]) -> bool:
     return bool(titles.intersection(VAL_TITLES)) and bool(titles.intersection(TEST_TITLES))
 
 
-def split_documents(docs: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+def split_documents(docs: list[dict], seed: int = 0, val_fraction: float = HASH_VAL_FRACTION,
+                    test_fraction: float = HASH_TEST_FRACTION) -> dict[str, list[dict]]:
     """Split documents into {"train", "val", "test"} lists, keeping the input order in each.
 
     Corpora holding the fixed titles (the bundled one, or a subset of it) use `VAL_TITLES` /
@@ -96,9 +97,9 @@ def split_documents(docs: list[dict], seed: int = 0) -> dict[str, list[dict]]:
     elif len(docs) >= 3:  # fewer (tiny texts that could not be cut): everything trains
         u = [_unit_hash(_doc_key(d, i), seed) for i, d in enumerate(docs)]
         for i, ui in enumerate(u):
-            if ui < HASH_VAL_FRACTION:
+            if ui < val_fraction:
                 which[i] = "val"
-            elif ui < HASH_VAL_FRACTION + HASH_TEST_FRACTION:
+            elif ui < val_fraction + test_fraction:
                 which[i] = "test"
             else:
                 which[i] = "train"
@@ -157,3 +158,32 @@ def _ensure_nonempty(which: list[str], u: list[float], docs: list[dict]) -> None
             if k == best:
                 which[i] = split
 
+
+
+class StreamSplit:
+    """The split of one document at a time, for corpora too large to hold (see prepare).
+
+    method 'fixed-titles': `VAL_TITLES` / `TEST_TITLES`, everything else trains.
+    method 'hash': a hash of (seed, text) in [0, 1) picks val below `val_fraction` and test in
+    the next `test_fraction`. Hashing the text, not the title, sends exact duplicates to the
+    same split, so a copy of a held-out document can never be trained on; and the decision
+    needs nothing but the document, so any part of the corpus, on any machine, splits alike.
+    """
+
+    def __init__(self, method: str, seed: int = 0, val_fraction: float = HASH_VAL_FRACTION,
+                 test_fraction: float = HASH_TEST_FRACTION) -> None:
+        if method not in ("fixed-titles", "hash"):
+            raise DataError(f"split: {method!r}; expected 'fixed-titles' or 'hash'")
+        self.method, self.seed = method, seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self._salt = f"{seed}\x00".encode()
+
+    def __call__(self, doc: dict) -> str:
+        if self.method == "fixed-titles":
+            title = doc.get("title")
+            return "val" if title in VAL_TITLES else "test" if title in TEST_TITLES else "train"
+        h = hashlib.sha256(self._salt)
+        h.update(doc["text"].encode("utf-8", "surrogatepass"))
+        u = int.from_bytes(h.digest()[:8], "big") / 2.0**64
+        return "val" if u < self.val_fraction else \
+            "test" if u < self.val_fraction + self.test_fraction else "train"

@@ -1,9 +1,15 @@
-"""Token shards on disk: `{split}.bin` flat token arrays plus `meta.json`.
+"""Token shards on disk: many fixed-size `{split}-PPP-KKKKK.bin` flat token files plus `meta.json`.
 
-A shard is the split's documents, each followed by the EOS token, as raw little-endian uint16
-(vocab_size < 65536) or uint32 integers, with no header, so `np.memmap` reads it directly and
-a batch is a fancy-indexing gather. `meta.json` records what is needed to read and trust the
-shards: dtype, per-split token and document counts, and the SHA-256 of every file.
+A shard holds a run of the split's token stream (each document followed by the EOS token), as
+raw little-endian uint16 (vocab_size < 65536) or uint32 integers, with no header, so `np.memmap`
+reads it directly. Every shard but the last of a split (of a part, see `merge`) holds exactly
+`shard_tokens` tokens; documents may straddle two shards. The loader reads a split as one global
+index over its shards (`open_shard`), so the number of shards never changes a batch.
+
+`meta.json` records what is needed to read and trust the shards: dtype, per-split token and
+document counts, and a manifest per split listing every shard with its tokens, documents (EOS
+tokens in it) and SHA-256. Format version 1 (one `{split}.bin` per split) still loads: it is read
+as a split of one shard.
 """
 from __future__ import annotations
 
@@ -11,20 +17,22 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from moelab.errors import DataError
 
 FORMAT = "moelab-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# 64 Mi tokens = 128 MiB of uint16 per shard: few enough files for a 10B-token corpus (~150 per
+# split), small enough that a resumed prepare redoes little.
+DEFAULT_SHARD_TOKENS = 1 << 26
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val", "test")
 _DTYPES = ("uint16", "uint32")
 _REQUIRED = {"vocab_size": int, "eos_id": int, "dtype": str, "tokens": dict, "documents": dict,
-             "sha256": dict, "files": dict}
+             "sha256": dict}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -48,47 +56,96 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-class ShardWriter:
-    """Append documents to one shard file, hashing and counting as it goes."""
+def shard_name(split: str, part: int, k: int) -> str:
+    return f"{split}-{part:03d}-{k:05d}.bin"
 
-    def __init__(self, path: str | os.PathLike, dtype: np.dtype, eos_id: int) -> None:
-        self.path = Path(path)
+
+def manifest_sha256(shards: list[dict]) -> str:
+    """One digest for a split: SHA-256 over its shards' digests and sizes, in order."""
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{s['sha256']} {s['tokens']}\n".encode())
+    return h.hexdigest()
+
+
+class SplitWriter:
+    """Append a split's token stream to fixed-size shards, hashing and counting as it goes.
+
+    `state()` describes what is on disk after the last `write` (complete shards plus the
+    length of the open one), so a killed prepare can `resume` from it and write the same bytes.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, dtype: np.dtype, eos_id: int,
+                 shard_tokens: int, part: int = 0, state: dict | None = None) -> None:
+        self.dir = Path(data_dir)
+        self.split, self.part = split, part
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.eos_id = int(eos_id)
-        self.n_tokens = 0
-        self.n_documents = 0
+        self.shard_tokens = int(shard_tokens)
+        self.shards: list[dict] = []
+        self._file = None
+        self._n = self._docs = 0  # tokens and EOS tokens in the open shard
         self._hash = hashlib.sha256()
-        self._file = open(self.path, "wb")
+        if state:
+            self._resume(state)
 
-    def write_documents(self, docs_ids: Iterable[list[int]]) -> None:
-        """Write each document's ids followed by EOS, in one buffer per call."""
-        lengths = []
-        flat: list[int] = []
-        for ids in docs_ids:
-            flat.extend(ids)
-            flat.append(self.eos_id)
-            lengths.append(len(ids) + 1)
-        if not lengths:
-            return
-        tokens_N = np.asarray(flat, dtype=np.int64)
-        if tokens_N.size and (tokens_N.min() < 0 or tokens_N.max() > np.iinfo(self.dtype).max):
-            raise DataError(f"shard {self.path.name}: token id {int(tokens_N.max())} does not fit "
-                            f"{self.dtype.name}; the tokenizer's vocab_size is wrong")
-        data = tokens_N.astype(self.dtype).tobytes()
-        self._file.write(data)
-        self._hash.update(data)
-        self.n_tokens += int(tokens_N.size)
-        self.n_documents += len(lengths)
+    def _resume(self, state: dict) -> None:
+        self.shards = [dict(s) for s in state["shards"]]
+        n = int(state["open_tokens"])
+        if n:
+            path = self.dir / shard_name(self.split, self.part, len(self.shards))
+            with open(path, "r+b") as f:  # drop whatever was written after the last checkpoint
+                f.truncate(n * self.dtype.itemsize)
+            old = np.fromfile(path, dtype=self.dtype)
+            self._hash.update(old.tobytes())
+            self._n, self._docs = n, int(np.count_nonzero(old == self.eos_id))
+            self._file = open(path, "ab")
 
-    def close(self) -> dict:
+    def write(self, tokens_N: np.ndarray) -> None:
+        """Append tokens (documents already followed by EOS), cutting shards at shard_tokens."""
+        tokens_N = np.asarray(tokens_N, dtype=self.dtype)
+        while tokens_N.size:
+            if self._file is None:
+                path = self.dir / shard_name(self.split, self.part, len(self.shards))
+                self._file = open(path, "wb")
+            take = tokens_N[:self.shard_tokens - self._n]
+            data = take.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._n += take.size
+            self._docs += int(np.count_nonzero(take == self.eos_id))
+            tokens_N = tokens_N[take.size:]
+            if self._n == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
-        return {"tokens": self.n_tokens, "documents": self.n_documents,
-                "sha256": self._hash.hexdigest(), "file": self.path.name}
+        self.shards.append({"file": shard_name(self.split, self.part, len(self.shards)),
+                            "tokens": self._n, "documents": self._docs,
+                            "sha256": self._hash.hexdigest()})
+        self._file, self._n, self._docs, self._hash = None, 0, 0, hashlib.sha256()
+
+    def state(self) -> dict:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {"shards": [dict(s) for s in self.shards], "open_tokens": self._n}
+
+    def close(self) -> list[dict]:
+        """Close the last (shorter) shard and return the manifest."""
+        if self._file is not None:
+            self._close_shard()
+        return self.shards
 
 
 def write_meta(data_dir: str | os.PathLike, meta: dict) -> None:
+    """Write meta.json through a temporary file and a rename (a reader never sees half)."""
     path = Path(data_dir) / META_FILE
-    path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
@@ -126,9 +183,38 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     for split, n in meta["tokens"].items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise DataError(f"{path}: 'tokens.{split}' is {n!r}; expected a count >= 0")
-        if split not in meta["files"] or not isinstance(meta["files"][split], str):
-            raise DataError(f"{path}: 'files.{split}' is missing; expected the shard file name")
+    meta["shards"] = _manifest(meta, path)
     return meta
+
+
+def _manifest(meta: dict, path: Path) -> dict[str, list[dict]]:
+    """Per split, the list of shards {file, tokens, documents, sha256}; v1 gives one each."""
+    if meta.get("version", 1) < 2:
+        out = {}
+        for split, n in meta["tokens"].items():
+            if split not in meta["files"] or not isinstance(meta["files"][split], str):
+                raise DataError(f"{path}: 'files.{split}' is missing; expected the shard file "
+                                "name")
+            out[split] = [{"file": meta["files"][split], "tokens": n,
+                           "documents": meta["documents"].get(split),
+                           "sha256": meta["sha256"].get(split)}]
+        return out
+    shards = meta.get("shards")
+    if not isinstance(shards, dict):
+        raise DataError(f"{path}: 'shards' is {shards!r}; expected an object of per-split lists "
+                        "(format version 2)")
+    for split, n in meta["tokens"].items():
+        listed = shards.get(split)
+        if not isinstance(listed, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str)
+                and isinstance(s.get("tokens"), int) and s["tokens"] >= 0 for s in listed):
+            raise DataError(f"{path}: 'shards.{split}' is malformed; expected a list of "
+                            "{file, tokens, documents, sha256}")
+        total = sum(s["tokens"] for s in listed)
+        if total != n:
+            raise DataError(f"{path}: shards of {split!r} hold {total} tokens but 'tokens.{split}'"
+                            f" is {n}; expected them to agree")
+    return shards
 
 
 def _check_split(meta: dict, split: str, where: Path) -> None:
@@ -137,16 +223,9 @@ def _check_split(meta: dict, split: str, where: Path) -> None:
                         f"{sorted(meta['tokens'])}")
 
 
-def open_shard(data_dir: str | os.PathLike, split: str, meta: dict | None = None) -> np.ndarray:
-    """Memory-map the `split` shard read-only, after checking its size against meta.json."""
-    d = Path(data_dir).expanduser()
-    meta = load_meta(d) if meta is None else meta
-    _check_split(meta, split, d)
-    path = d / meta["files"][split]
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    expected = meta["tokens"][split]
+def _open_one(path: Path, expected: int, dtype: np.dtype) -> np.ndarray:
     if not path.is_file():
-        raise DataError(f"shard {path} is missing; expected {expected} tokens "
+        raise DataError(f"shard {path} is missing; meta.json lists it with {expected} tokens "
                         "(prepare the data again)")
     size = path.stat().st_size
     if size != expected * dtype.itemsize:
@@ -159,6 +238,66 @@ def open_shard(data_dir: str | os.PathLike, split: str, meta: dict | None = None
     return np.memmap(path, dtype=dtype, mode="r", shape=(expected,))
 
 
+def open_shard(data_dir: str | os.PathLike, split: str, meta: dict | None = None):
+    """The `split` token stream, read-only: a memmap for one shard, a `ShardedTokens` for more.
+
+    Every shard's size is checked against meta.json first (the checksums are `verify`'s job:
+    hashing tens of GB on every open would be too slow).
+    """
+    d = Path(data_dir).expanduser()
+    meta = load_meta(d) if meta is None else meta
+    _check_split(meta, split, d)
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    arrays = [_open_one(d / s["file"], s["tokens"], dtype) for s in meta["shards"][split]]
+    arrays = [a for a in arrays if len(a)] or [np.zeros(0, dtype=dtype)]
+    return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
+
+
+class ShardedTokens:
+    """Several memmapped shards read as one 1-D array: slices and integer-array gathers.
+
+    The global index of shard s's token j is offsets[s] + j; a gather finds each index's shard
+    with one searchsorted and reads each touched shard with one fancy-indexing read.
+    """
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.dtype = arrays[0].dtype
+        self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("ShardedTokens: slices with a step are not supported")
+            if stop <= start:
+                return np.zeros(0, dtype=self.dtype)
+            first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
+            pieces = [self.arrays[s][max(start - self.offsets[s], 0):
+                                     min(stop - self.offsets[s], len(self.arrays[s]))]
+                      for s in range(first, last + 1)]
+            return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
+        idx = np.asarray(key, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"ShardedTokens: index out of range [0, {n})")
+        flat = idx.reshape(-1)
+        shard = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for s in np.unique(shard).tolist():
+            m = shard == s
+            out[m] = self.arrays[s][flat[m] - self.offsets[s]]
+        return out.reshape(idx.shape) if idx.ndim else out[0]
+
+
 def verify(data_dir: str | os.PathLike) -> dict:
     """Check every shard's size and SHA-256 (and the tokenizer's) against meta.json.
 
@@ -168,12 +307,12 @@ def verify(data_dir: str | os.PathLike) -> dict:
     meta = load_meta(d)
     for split in meta["tokens"]:
         open_shard(d, split, meta)  # size check first: a clearer message than a hash mismatch
-        path = d / meta["files"][split]
-        expected = meta["sha256"].get(split)
-        found = sha256_file(path)
-        if expected != found:
-            raise DataError(f"shard {path}: sha256 {found[:16]}... does not match meta.json "
-                            f"({str(expected)[:16]}...); the file was modified")
+        for s in meta["shards"][split]:
+            path = d / s["file"]
+            found = sha256_file(path)
+            if s.get("sha256") != found:
+                raise DataError(f"shard {path}: sha256 {found[:16]}... does not match meta.json "
+                                f"({str(s.get('sha256'))[:16]}...); the file was modified")
     check_tokenizer(d, meta)
     return meta
 
