@@ -1,5 +1,5 @@
-"""moelab command line: train | eval | report | generate | compare | info | data | export |
-convert | bench | demo.
+"""moelab command line: train | eval | report | generate | compare | info | data | import |
+export | convert | bench | demo.
 
 Every command reports user mistakes (`MoelabError`: config, data, checkpoint) as one line on stderr
 with exit code 2, never a traceback.
@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="tokenizer.json (default: the run's)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import", help="import a model moelab did not train as a run directory")
+    isub = p.add_subparsers(dest="import_command", required=True)
+    q = isub.add_parser("hf", help="a local transformers model directory (config.json, "
+                                   "safetensors, tokenizer.json; never a hub download)")
+    q.add_argument("hf_dir")
+    q.add_argument("--out", required=True, help="run directory to write")
+    q.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="stored weights (default: the checkpoint's own dtype)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("convert", help="convert a trained run into another inference form")
     csub = p.add_subparsers(dest="convert_command", required=True)
@@ -376,6 +387,17 @@ def cmd_export_hf(args) -> int:
 
     out = export_hf(args.run_dir, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote {out or args.out}")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from moelab.imports import import_hf
+    from moelab.train.rundir import read_run_info
+
+    out = import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    info = read_run_info(out)["imported"]
+    print(f"wrote {out}: {info['architecture']}, {info['bytes'] / 2**20:,.1f} MiB of weights in "
+          f"{info['seconds']:.1f} s" + ("" if info["tokenizer"] else " (no tokenizer.json)"))
     return 0
 
 

@@ -53,6 +53,13 @@ class HFConfig:
             raise ConfigError(f"{self.where}: {key}={v!r}, expected a non-negative integer")
         return v
 
+    def int_any(self, keys: tuple[str, ...]) -> int:
+        """The first of several spellings of one field (transformers renamed some)."""
+        for k in keys:
+            if self.d.get(k) is not None:
+                return self.int(k)
+        raise ConfigError(f"{self.where}: field {keys[0]!r} is missing")
+
     def expect(self, key: str, allowed: tuple, why: str) -> Any:
         """Refuse a value moelab cannot reproduce (a missing field counts as allowed[0])."""
         v = self.get(key, allowed[0])
@@ -153,11 +160,12 @@ class Family:
             return ({"kind": "dense", "d_ff": hf.int("intermediate_size"), "activation": act,
                      "gated": True, "bias": mlp_bias}, {})
         if self.moe == "mixtral":
-            n, k, width = (hf.int("num_local_experts"), hf.int("num_experts_per_tok"),
-                           hf.int("intermediate_size"))
+            n = hf.int_any(("num_local_experts", "num_experts"))
+            k, width = hf.int("num_experts_per_tok"), hf.int("intermediate_size")
             renorm = True  # Mixtral: softmax, top-k, renormalised over the k
         else:
-            n, k = hf.int("num_experts"), hf.int("num_experts_per_tok")
+            n = hf.int_any(("num_experts", "num_local_experts"))
+            k = hf.int("num_experts_per_tok")
             width = hf.int("moe_intermediate_size", 0) or hf.int("intermediate_size")
             renorm = bool(hf.get("norm_topk_prob", False))
             hf.expect("decoder_sparse_step", (1,), "every layer must be a MoE layer")

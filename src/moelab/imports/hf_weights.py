@@ -85,7 +85,9 @@ def _mlp(plan, mo: str, hf: str, bias: bool) -> None:
 
 def _moe(plan, fam, m: ModelConfig, mo: str, hf: str, hf_keys: set[str]) -> None:
     E = m.ffn.n_experts
-    block = hf + ("block_sparse_moe." if fam.moe == "mixtral" else "mlp.")
+    block = hf + "mlp."
+    if fam.moe == "mixtral" and hf + "mlp.gate.weight" not in hf_keys:
+        block = hf + "block_sparse_moe."  # its checkpoints' name (transformers 5: mlp)
     plan[mo + "router.weight"] = Source((block + "gate.weight",))
     ex = block + "experts."
     if ex + "gate_up_proj" in hf_keys:  # transformers 5's fused layout: (E, 2h, d), (E, d, h)
@@ -96,7 +98,7 @@ def _moe(plan, fam, m: ModelConfig, mo: str, hf: str, hf_keys: set[str]) -> None
                                              lambda ts: ts[0][:, h:].transpose(1, 2))
         plan[mo + "experts.w2_EHD"] = Source((ex + "down_proj",), lambda ts: ts[0].transpose(1, 2))
     else:  # one nn.Linear per expert (what save_pretrained and released checkpoints hold)
-        gate, up, down = ("w1", "w3", "w2") if fam.moe == "mixtral" else (
+        gate, up, down = ("w1", "w3", "w2") if block.endswith("block_sparse_moe.") else (
             "gate_proj", "up_proj", "down_proj")
         for mine, theirs in (("w1_EDH", gate), ("w3_EDH", up), ("w2_EHD", down)):
             plan[mo + "experts." + mine] = Source(
