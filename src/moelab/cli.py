@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
     g.add_argument("--tokens", type=int, help="training tokens (converted to steps)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of a model directory (a run, `moelab import hf` "
+                        "output, a transformers or exported directory) with a fresh optimizer; "
+                        "its model config is used unless --preset/--config is given")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (re-runs itself under torchrun)")
@@ -308,7 +312,7 @@ def cmd_generate(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.run_dir:
-        from moelab.export.mole_model import load_any
+        from moelab.loading import load_any
         from moelab.train.checkpoint import find_tokenizer
 
         _check_storage(args)
@@ -369,6 +373,10 @@ def cmd_train(args) -> int:
 
     if args.resume and not (args.preset or args.config) and (Path(args.out) / "config.json").is_file():
         cfg = resolve_config(None, str(Path(args.out) / "config.json"), args.sets)
+    elif args.init_from and not (args.preset or args.config):
+        from moelab.loading import read_model_config
+
+        cfg = read_model_config(args.init_from).with_overrides(args.sets)
     else:
         cfg = resolve_config(args.preset, args.config, args.sets)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -376,7 +384,7 @@ def cmd_train(args) -> int:
         return launch(args.nproc, args.raw_argv)
     summary = train(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps,
                     tokens=args.tokens, resume=args.resume, progress=not args.no_progress,
-                    device=args.device)
+                    device=args.device, init_from=args.init_from)
     if is_main():
         print(json.dumps(summary))
     return 0

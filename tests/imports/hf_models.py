@@ -63,12 +63,13 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(r * 1.5 / math.sqrt(fan_in))
 
 
-def build(name: str, out_dir, seed: int = 0):
-    """The model of case `name`, randomised and saved to `out_dir`; returns it in eval mode."""
+def build(name: str, out_dir, seed: int = 0, **overrides):
+    """The model of case `name` (config fields `overrides` changed), randomised and saved to
+    `out_dir`; returns it in eval mode."""
     import transformers
 
     cfg_cls, model_cls, extra = CASES[name]
-    cfg = getattr(transformers, cfg_cls)(**COMMON, **extra)
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg)
     if name.startswith("gated"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moelab.config import Config
-from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
+from moelab.errors import CheckpointError, ConfigError, DataError
 from moelab.fsutil import atomic_directory
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -86,22 +86,11 @@ def check_tokenizer(path: Path, vocab_size: int):
     return tok
 
 
-def import_hf(hf_dir: str | Path, out: str | Path | None = None, dtype: str = "keep",
-              overwrite: bool = False) -> Path:
-    """Write the transformers model directory `hf_dir` as a moelab run directory `out`
-    (default runs/NAME) and return its path. `dtype`: keep (the checkpoint's), float32,
-    bfloat16 or float16 for the stored weights."""
-    from moelab.imports.hf_weights import Shards, check_plan, tensor_plan, write_streaming
-    from moelab.train.checkpoint import PREFIX, checkpoint_dir
+def _prepare(hf_dir: Path):
+    """Everything an import needs, checked: (arch, Config, Shards, plan, shapes)."""
+    from moelab.imports.hf_weights import Shards, check_plan, tensor_plan
 
-    hf_dir = Path(hf_dir).expanduser()
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     arch, fam, cfg = hf_model_config(hf_dir)
-    out = Path(out).expanduser() if out is not None else Path("runs") / cfg.name
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"--out {out}: exists and is not empty; choose a new directory "
-                          "or pass --overwrite")
     tok_path = hf_dir / "tokenizer.json"
     if tok_path.is_file():
         check_tokenizer(tok_path, cfg.model.vocab_size)
@@ -113,7 +102,26 @@ def import_hf(hf_dir: str | Path, out: str | Path | None = None, dtype: str = "k
         raise CheckpointError(f"{hf_dir}: the mapping names {extra[0]!r}, which the moelab model "
                               "does not have")
     check_plan(plan, want, shards, str(hf_dir))
+    return arch, cfg, shards, plan, want
 
+
+def import_hf(hf_dir: str | Path, out: str | Path | None = None, dtype: str = "keep",
+              overwrite: bool = False) -> Path:
+    """Write the transformers model directory `hf_dir` as a moelab run directory `out`
+    (default runs/NAME) and return its path. `dtype`: keep (the checkpoint's), float32,
+    bfloat16 or float16 for the stored weights."""
+    from moelab.imports.hf_weights import write_streaming
+    from moelab.train.checkpoint import PREFIX, checkpoint_dir
+
+    hf_dir = Path(hf_dir).expanduser()
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+    arch, cfg, shards, plan, want = _prepare(hf_dir)
+    out = Path(out).expanduser() if out is not None else Path("runs") / cfg.name
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new directory "
+                          "or pass --overwrite")
+    tok_path = hf_dir / "tokenizer.json"
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out) as tmp:
@@ -137,20 +145,23 @@ def import_hf(hf_dir: str | Path, out: str | Path | None = None, dtype: str = "k
 
 
 def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu"):
-    """(MoELM in eval mode, Config) of a transformers model directory, through a temporary
-    import (the same checks and mapping as `import_hf`)."""
-    import tempfile
+    """(MoELM, Config) of a transformers model directory, built in memory with the same checks
+    and mapping as `import_hf` (nothing written); float32 weights, eval mode."""
+    from moelab.model import MoELM
 
-    from moelab.train.checkpoint import load_model
-
-    with tempfile.TemporaryDirectory(prefix="moelab-import-") as tmp:
-        run = import_hf(hf_dir, Path(tmp) / "run")
-        model, cfg, _ = load_model(run, device=device)
-    return model.eval(), cfg
+    hf_dir = Path(hf_dir).expanduser()
+    _, cfg, shards, plan, want = _prepare(hf_dir)
+    model = MoELM(cfg.model)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for name, src in plan.items():
+            params[name].copy_(src.build([shards.get(k) for k in src.keys]))
+    return model.to(device).eval(), cfg
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-__all__ = ["import_hf", "load_hf", "hf_model_config", "MoelabError"]
+__all__ = ["import_hf", "load_hf", "hf_model_config"]
