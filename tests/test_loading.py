@@ -94,3 +94,17 @@ def test_train_init_from_starts_at_the_imported_model(dirs, tiny_data, tmp_path)
         from helpers import tiny
 
         load_initial_weights(MoELM(tiny().model), dirs["run"])
+
+
+def test_compare_member_from_a_model_directory(dirs, tiny_data, tmp_path):  # noqa: F811
+    """A model directory joins a study as a member trained on from its weights."""
+    from moelab.compare.study import run_compare
+
+    out = tmp_path / "cmp"
+    run_compare([str(dirs["run"])], tiny_data, 2 * 4 * 32, out,
+                sets=("train.seq_len=32", "train.batch_size=4", "train.eval_batches=2",
+                      "train.eval_every=0"), tasks=(), progress=False)
+    member = out / "run"
+    row = json.loads((member / "compare.json").read_text())["row"]
+    assert row["model"] == "run" and row["val_ppl"] > 1
+    assert json.loads((member / "run.json").read_text())["init_from"] == str(dirs["run"].resolve())
