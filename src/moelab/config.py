@@ -29,6 +29,9 @@ GATE_POSITIONS = ("none", "sdpa", "value")  # none, G1 (per-head SDPA output), G
 GATE_GRANULARITIES = ("headwise", "elementwise")
 NORM_SCHEMES = ("pre", "peri")
 INIT_SCHEMES = ("normal", "depth_scaled", "moeut")
+ROUTER_INITS = ("normal", "kaiming_uniform")
+ATTN_ROUTER_RENORMS = ("rows", "switchhead")
+AUX_LOSS_SCALES = ("mean", "per_micro_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 QK_NORM_SCOPES = ("head", "all")  # per head (Qwen3), or over all heads' width at once (OLMoE)
@@ -257,10 +260,18 @@ class NormConfig:
 class InitConfig:
     scheme: str = "normal"  # normal | depth_scaled | moeut (see moelab/layers/init.py)
     std: float = 0.02
+    # normal/depth_scaled: router matrices N(0, std), or PyTorch's nn.Linear default
+    # (kaiming-uniform, a=sqrt(5)), which UMoE's official routers keep
+    router: str = "normal"
+    # moeut: attention (SwitchHead) routers' rows to one common norm, or the official SwitchHead
+    # rescaling (each row by its own std over its norm, then the whole matrix by one factor)
+    attn_router_renorm: str = "rows"
 
     def validate(self, p: str) -> None:
         check_choice(p + ".scheme", self.scheme, INIT_SCHEMES)
         check_positive(p + ".std", self.std)
+        check_choice(p + ".router", self.router, ROUTER_INITS)
+        check_choice(p + ".attn_router_renorm", self.attn_router_renorm, ATTN_ROUTER_RENORMS)
 
 
 @dataclass
@@ -270,6 +281,9 @@ class ModelConfig:
     n_layers: int = 4
     max_seq_len: int = 1024
     tie_embeddings: bool = True
+    head_bias: bool = False  # a bias on the LM head (MoEUT's lm_head is a biased nn.Linear)
+    # a padding token whose embedding row is zero and never trained (UMoE's [PAD]); None = none
+    pad_token_id: Optional[int] = None
     moe_backend: str = "auto"  # routed-experts engine backend
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
@@ -284,6 +298,13 @@ class ModelConfig:
         check_positive(p + ".n_layers", self.n_layers)
         check_positive(p + ".max_seq_len", self.max_seq_len)
         check_choice(p + ".moe_backend", self.moe_backend, MOE_BACKENDS)
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"{p}.pad_token_id: {self.pad_token_id} is outside the vocabulary "
+                              f"(0..{self.vocab_size - 1})")
+        if self.pad_token_id is not None and self.tie_embeddings:
+            raise ConfigError(f"{p}.pad_token_id: a frozen padding row needs an untied head "
+                              f"(the head's gradient would train it); set "
+                              f"{p}.tie_embeddings=false")
         self.attention.validate(p + ".attention", self.d_model)
         self.ffn.validate(p + ".ffn")
         self.router.validate(p + ".router")
@@ -310,6 +331,10 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (global, before accumulation split)
     seq_len: int = 256
     grad_accum: int = 1
+    # the balance (aux) losses under accumulation: "mean" divides them by grad_accum like the LM
+    # loss; "per_micro_batch" adds each micro-batch's with weight 1, as UMoE's official training
+    # does (its AddAuxiliaryLoss), which makes the effective coefficient grad_accum x the config's
+    aux_loss_scale: str = "mean"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -348,6 +373,7 @@ class TrainConfig:
             if not 0 <= v < 1:
                 raise ConfigError(f"{p}.{name}: {v} must be in [0, 1)")
         check_choice(p + ".dtype", self.dtype, DTYPES)
+        check_choice(p + ".aux_loss_scale", self.aux_loss_scale, AUX_LOSS_SCALES)
         check_choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
         return self
 

@@ -235,7 +235,8 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
             lr = schedule.apply()
             try:
                 stats = train_step(fwd, optimizer, x_BT, y_BT, tc.grad_accum, tc.grad_clip,
-                                   precision, scaler, dist=dist_arg)
+                                   precision, scaler, dist=dist_arg,
+                                   aux_per_micro_batch=tc.aux_loss_scale == "per_micro_batch")
             except NonFiniteLoss as e:
                 raise _non_finite_error(run_dir, s + 1, e.stats) from None
             schedule.advance()
