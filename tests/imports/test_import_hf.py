@@ -113,7 +113,7 @@ def test_options_each_case_needs_are_set(tmp_path):
         assert check(hf_model_config(src)[2].model), name
 
 
-@pytest.mark.parametrize("name", ["qwen3", "qwen2_moe"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_import_export_transformers_round_trip(name, tmp_path, tokenizer_file):
     from transformers import AutoModelForCausalLM
 
