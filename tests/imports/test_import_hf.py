@@ -193,3 +193,18 @@ def test_cli_import_then_generate(tmp_path, tokenizer_file, capsys):
     assert main(["generate", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_tied_checkpoint_that_stores_the_head_too(tmp_path):
+    """Some tied checkpoints store lm_head.weight as well: it is the embedding, not unmapped."""
+    from safetensors.torch import load_file, save_file
+
+    src, ref = make("qwen3", tmp_path)  # tie_word_embeddings=True
+    sd = load_file(str(src / "model.safetensors"))
+    assert "lm_head.weight" not in sd
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, _, _ = load_model(import_hf(src, tmp_path / "run"))
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)

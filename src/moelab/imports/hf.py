@@ -88,7 +88,7 @@ def check_tokenizer(path: Path, vocab_size: int):
 
 def _prepare(hf_dir: Path):
     """Everything an import needs, checked: (arch, Config, Shards, plan, shapes)."""
-    from moelab.imports.hf_weights import Shards, check_plan, tensor_plan
+    from moelab.imports.hf_weights import Shards, check_plan, tensor_plan, tied_aliases
 
     arch, fam, cfg = hf_model_config(hf_dir)
     tok_path = hf_dir / "tokenizer.json"
@@ -101,7 +101,7 @@ def _prepare(hf_dir: Path):
     if extra:  # a source for a tensor the model does not have (an importer bug)
         raise CheckpointError(f"{hf_dir}: the mapping names {extra[0]!r}, which the moelab model "
                               "does not have")
-    check_plan(plan, want, shards, str(hf_dir))
+    check_plan(plan, want, shards, str(hf_dir), tied_aliases(cfg.model))
     return arch, cfg, shards, plan, want
 
 

@@ -89,7 +89,8 @@ class Family:
 
     archs: tuple[str, ...]
     moe: str = ""  # "": dense MLP | "mixtral" | "qwen" (mlp.gate/mlp.experts) | "qwen2_moe"
-    qkv_bias_field: str = ""  # Qwen2: `qkv_bias`-like field that puts biases on q, k, v only
+    # biases on q, k, v only: "" none | "always" (Qwen2) | the config field that switches them
+    qkv_bias: str = ""
     qk_norm: str = ""  # "" | "head" (Qwen3) | "all" (OLMoE)
     window: str = ""  # "" | "mistral" (sliding_window on every layer) | "qwen" (use_sliding_window)
 
@@ -117,8 +118,8 @@ class Family:
         return m
 
     def bias_fields(self, hf: HFConfig) -> dict:
-        if self.qkv_bias_field:  # Qwen2 family: q, k, v biased (always, or by `qkv_bias`)
-            qkv = bool(hf.get(self.qkv_bias_field, True)) if self.qkv_bias_field != "-" else True
+        if self.qkv_bias:  # Qwen2 family: q, k, v biased (always, or by a field)
+            qkv = True if self.qkv_bias == "always" else bool(hf.get(self.qkv_bias, True))
             return {"bias": False, "qkv_bias": qkv}
         if "qkv_bias" in hf:  # the gated-attention paper's Qwen3: q, k, v and o (its code)
             hf.get("attention_bias", False)  # present in its config, unused by its code
@@ -233,11 +234,11 @@ def gate_fields(hf: HFConfig, arch: str) -> dict:
 FAMILIES = [
     Family(("LlamaForCausalLM",)),
     Family(("MistralForCausalLM",), window="mistral"),
-    Family(("Qwen2ForCausalLM",), qkv_bias_field="-", window="qwen"),
+    Family(("Qwen2ForCausalLM",), qkv_bias="always", window="qwen"),
     Family(("Qwen3ForCausalLM",), qk_norm="head", window="qwen"),
     Family(("MixtralForCausalLM",), moe="mixtral", window="mistral"),
     Family(("OlmoeForCausalLM",), moe="qwen", qk_norm="all"),
-    Family(("Qwen2MoeForCausalLM",), moe="qwen2_moe", qkv_bias_field="qkv_bias", window="qwen"),
+    Family(("Qwen2MoeForCausalLM",), moe="qwen2_moe", qkv_bias="qkv_bias", window="qwen"),
     Family(("Qwen3MoeForCausalLM",), moe="qwen3_moe", qk_norm="head", window="qwen"),
 ]
 ARCHITECTURES = {a: f for f in FAMILIES for a in f.archs}

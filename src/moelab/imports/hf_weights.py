@@ -48,6 +48,12 @@ def _stack_t(ts):  # E nn.Linear weights (out, in) -> (E, in, out)
     return torch.stack([t.t() for t in ts])
 
 
+def tied_aliases(m: ModelConfig) -> frozenset:
+    """Checkpoint tensors that repeat another under tying (some tied checkpoints store the head
+    too): the embedding is used."""
+    return frozenset({"lm_head.weight"}) if m.tie_embeddings else frozenset()
+
+
 def tensor_plan(fam, m: ModelConfig, hf_keys: set[str]) -> dict[str, Source]:
     """moelab tensor name -> its source in the checkpoint (see the module docstring)."""
     plan = {"embed.weight": Source(("model.embed_tokens.weight",)),
@@ -178,9 +184,10 @@ class Shards:
 
 
 def check_plan(plan: dict[str, Source], want: dict[str, torch.Size], shards: Shards,
-               where: str) -> None:
+               where: str, aliases: frozenset = frozenset()) -> None:
     """Every moelab tensor has a source, every named source exists, every checkpoint tensor is
-    used (or derived), and each source tensor's shape is right."""
+    used (or derived, or in `aliases`: a tied head stored again), and each source tensor's
+    shape is right."""
     missing = sorted(set(want) - set(plan))
     if missing:
         raise CheckpointError(f"{where}: moelab tensor {missing[0]!r} has no source in the "
@@ -191,7 +198,7 @@ def check_plan(plan: dict[str, Source], want: dict[str, torch.Size], shards: Sha
     if absent:
         raise CheckpointError(f"{where}: tensor {absent[0]!r} is missing from the checkpoint "
                               f"(expected by the config; {len(absent)} missing in all)")
-    unmapped = sorted(k for k in have - used if not k.endswith(DERIVED_SUFFIXES))
+    unmapped = sorted(k for k in have - used - aliases if not k.endswith(DERIVED_SUFFIXES))
     if unmapped:
         raise CheckpointError(f"{where}: tensor {unmapped[0]!r} is not mapped to moelab "
                               f"({len(unmapped)} unmapped in all); the config does not "
