@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
+from moelab.config import RopeScalingConfig
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates the first `rot_dim = fraction * head_dim` dims of each head (rotate-half layout).
@@ -16,7 +18,7 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, head_dim: int, fraction: float = 1.0, theta: float = 10000.0,
-                 scaling=None):
+                 scaling: RopeScalingConfig | None = None):
         super().__init__()
         rot = int(head_dim * fraction) // 2 * 2
         self.rot_dim, self.theta = rot, theta
@@ -47,7 +49,7 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
 
 
-def scale_frequencies(inv_freq: torch.Tensor, s) -> torch.Tensor:
+def scale_frequencies(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
     """RoPE frequencies under a `RopeScalingConfig` (linear or Llama 3.1 scaling)."""
     if s.kind == "linear":  # position interpolation: positions / factor
         return inv_freq / s.factor
