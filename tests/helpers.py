@@ -18,6 +18,14 @@ ATTENTION_OPTIONS = {
     "layernorm_bias": ["model.norm.kind=layernorm", "model.attention.bias=true", "model.ffn.bias=true"],
     "peri_ln": ["model.norm.scheme=peri"],
     "gelu_mlp_untied": ["model.ffn.gated=false", "model.ffn.activation=gelu", "model.tie_embeddings=false"],
+    # options for imported checkpoints (moelab import hf)
+    "sliding_window": ["model.attention.sliding_window=4", "model.attention.n_kv_heads=2"],
+    "qkv_bias": ["model.attention.qkv_bias=true"],
+    "qk_norm_all_heads": ["model.attention.qk_norm=true", "model.attention.qk_norm_scope=all",
+                          "model.attention.n_kv_heads=2"],
+    "rope_llama3": ["model.attention.rope_scaling.kind=llama3", "model.attention.rope_scaling.factor=8",
+                    "model.attention.rope_scaling.original_max_seq_len=16"],
+    "rope_linear": ["model.attention.rope_scaling.kind=linear", "model.attention.rope_scaling.factor=4"],
 }
 
 

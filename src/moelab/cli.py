@@ -1,5 +1,5 @@
-"""moelab command line: train | eval | report | generate | compare | info | data | export |
-convert | bench | demo.
+"""moelab command line: train | eval | report | generate | compare | info | data | import |
+export | convert | bench | demo.
 
 Every command reports user mistakes (`MoelabError`: config, data, checkpoint) as one line on stderr
 with exit code 2, never a traceback.
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
     g.add_argument("--tokens", type=int, help="training tokens (converted to steps)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of a model directory (a run, `moelab import hf` "
+                        "output, a transformers or exported directory) with a fresh optimizer; "
+                        "its model config is used unless --preset/--config is given")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (re-runs itself under torchrun)")
@@ -149,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="replace --out if it holds an earlier export (never another directory)")
     q.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import", help="import a model moelab did not train as a run directory")
+    isub = p.add_subparsers(dest="import_command", required=True)
+    q = isub.add_parser("hf", help="a local transformers model directory (config.json, "
+                                   "safetensors, tokenizer.json; never a hub download)")
+    q.add_argument("hf_dir")
+    q.add_argument("--out", required=True, help="run directory to write")
+    q.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="stored weights (default: the checkpoint's own dtype)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("convert", help="convert a trained run into another inference form")
     csub = p.add_subparsers(dest="convert_command", required=True)
@@ -343,7 +358,7 @@ def cmd_generate(args) -> int:
                    args.num_samples)
     torch.manual_seed(args.seed)
     if args.run_dir:
-        from moelab.export.mole_model import load_any
+        from moelab.loading import load_any
         from moelab.train.checkpoint import find_tokenizer
 
         _check_storage(args)
@@ -427,6 +442,10 @@ def cmd_train(args) -> int:
 
     if args.resume and not (args.preset or args.config) and (Path(args.out) / "config.json").is_file():
         cfg = resolve_config(None, str(Path(args.out) / "config.json"), args.sets)
+    elif args.init_from and not (args.preset or args.config):
+        from moelab.loading import read_model_config
+
+        cfg = read_model_config(args.init_from).with_overrides(args.sets)
     else:
         cfg = resolve_config(args.preset, args.config, args.sets)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -443,7 +462,7 @@ def cmd_train(args) -> int:
             return rc
     summary = train(cfg, data_dir=args.data, out_dir=args.out, steps=args.steps,
                     tokens=args.tokens, resume=args.resume, progress=not args.no_progress,
-                    device=args.device)
+                    device=args.device, init_from=args.init_from)
     if is_main():
         print(json.dumps(summary))
     return 0
@@ -454,6 +473,17 @@ def cmd_export_hf(args) -> int:
 
     out = export_hf(args.run_dir, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote {out or args.out}")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from moelab.imports import import_hf
+    from moelab.train.rundir import read_run_info
+
+    out = import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    info = read_run_info(out)["imported"]
+    print(f"wrote {out}: {info['architecture']}, {info['bytes'] / 2**20:,.1f} MiB of weights in "
+          f"{info['seconds']:.1f} s" + ("" if info["tokenizer"] else " (no tokenizer.json)"))
     return 0
 
 

@@ -29,7 +29,12 @@ GATE_POSITIONS = ("none", "sdpa", "value")  # none, G1 (per-head SDPA output), G
 GATE_GRANULARITIES = ("headwise", "elementwise")
 NORM_SCHEMES = ("pre", "peri")
 INIT_SCHEMES = ("normal", "depth_scaled", "moeut")
+ROUTER_INITS = ("normal", "kaiming_uniform")
+ATTN_ROUTER_RENORMS = ("rows", "switchhead")
+AUX_LOSS_SCALES = ("mean", "per_micro_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+QK_NORM_SCOPES = ("head", "all")  # per head (Qwen3), or over all heads' width at once (OLMoE)
 MOE_BACKENDS = ("auto", "loop", "grouped_mm", "padded", "triton", "scatter")
 
 
@@ -49,6 +54,31 @@ class GateConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Stretching RoPE to longer contexts, as released checkpoints configure it.
+
+    - `linear` (position interpolation): every frequency divided by `factor`.
+    - `llama3` (Llama 3.1): wavelengths above original_max_seq_len / low_freq_factor are
+      divided by `factor`, those below original_max_seq_len / high_freq_factor are kept, and
+      the band between is interpolated smoothly.
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def validate(self, p: str) -> None:
+        check_choice(p + ".kind", self.kind, ROPE_SCALINGS)
+        check_positive(p + ".factor", self.factor)
+        check_positive(p + ".original_max_seq_len", self.original_max_seq_len)
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ConfigError(f"{p}.high_freq_factor: {self.high_freq_factor} must be above "
+                              f"low_freq_factor={self.low_freq_factor} > 0")
+
+
+@dataclass
 class AttentionConfig:
     kind: str = "dense"
     n_heads: int = 4
@@ -57,7 +87,11 @@ class AttentionConfig:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # fraction of each head's dims that are rotated; 0 = no RoPE
-    bias: bool = False
+    bias: bool = False  # biases on the q, k, v and output projections (Llama attention_bias)
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
+    qk_norm_scope: str = "head"  # head: over each head's dims | all: over all heads (OLMoE)
+    sliding_window: int = 0  # a query sees the last `sliding_window` keys (itself included); 0 = all
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     # attention experts (SwitchHead, MoA, UMoE-Att); ignored by the dense kind
     n_experts: int = 0
@@ -88,6 +122,18 @@ class AttentionConfig:
         if not (0.0 <= self.rope_fraction <= 1.0):
             raise ConfigError(f"{p}.rope_fraction: {self.rope_fraction} must be in [0, 1]")
         check_positive(p + ".rope_theta", self.rope_theta)
+        check_choice(p + ".qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        check_non_negative(p + ".sliding_window", self.sliding_window)
+        self.rope_scaling.validate(p + ".rope_scaling")
+        if self.kind != "dense":  # only the dense kind implements these (imported checkpoints)
+            for name, off in (("qkv_bias", False), ("qk_norm_scope", "head"),
+                              ("sliding_window", 0)):
+                if getattr(self, name) != off:
+                    raise ConfigError(f"{p}.{name}: {getattr(self, name)!r} is implemented for "
+                                      f"attention.kind 'dense' only, not {self.kind!r}")
+            if self.rope_scaling.kind != "none":
+                raise ConfigError(f"{p}.rope_scaling.kind: {self.rope_scaling.kind!r} is "
+                                  f"implemented for attention.kind 'dense' only, not {self.kind!r}")
         self.gate.validate(p + ".gate")
         check_non_negative(p + ".n_experts", self.n_experts)
         check_non_negative(p + ".top_k", self.top_k)
@@ -126,6 +172,7 @@ class FFNConfig:
     expert_dim: int = 128
     n_shared_experts: int = 0
     shared_expert_dim: Optional[int] = None  # None = expert_dim
+    shared_gate: bool = False  # Qwen2-MoE: shared experts' output times sigmoid(x w), w: d -> 1
     expert_dropout: float = 0.0  # sigma-MoE: drop whole experts from the router's choice
     # Switch/GShard capacity in training (0 = dropless): an expert takes at most
     # ceil(capacity_factor * tokens * top_k / n_experts) pairs of a micro-batch; the rest drop
@@ -148,6 +195,10 @@ class FFNConfig:
         check_non_negative(p + ".n_shared_experts", self.n_shared_experts)
         if self.shared_expert_dim is not None:
             check_positive(p + ".shared_expert_dim", self.shared_expert_dim)
+        if self.shared_gate and not (self.kind == "moe" and self.n_shared_experts):
+            raise ConfigError(f"{p}.shared_gate: true needs ffn.kind 'moe' with "
+                              f"n_shared_experts >= 1 (got kind {self.kind!r}, "
+                              f"n_shared_experts {self.n_shared_experts})")
         if self.n_experts and self.top_k > self.n_experts:
             raise ConfigError(
                 f"{p}.top_k: {self.top_k} is above n_experts={self.n_experts} "
@@ -209,10 +260,18 @@ class NormConfig:
 class InitConfig:
     scheme: str = "normal"  # normal | depth_scaled | moeut (see moelab/layers/init.py)
     std: float = 0.02
+    # normal/depth_scaled: router matrices N(0, std), or PyTorch's nn.Linear default
+    # (kaiming-uniform, a=sqrt(5)), which UMoE's official routers keep
+    router: str = "normal"
+    # moeut: attention (SwitchHead) routers' rows to one common norm, or the official SwitchHead
+    # rescaling (each row by its own std over its norm, then the whole matrix by one factor)
+    attn_router_renorm: str = "rows"
 
     def validate(self, p: str) -> None:
         check_choice(p + ".scheme", self.scheme, INIT_SCHEMES)
         check_positive(p + ".std", self.std)
+        check_choice(p + ".router", self.router, ROUTER_INITS)
+        check_choice(p + ".attn_router_renorm", self.attn_router_renorm, ATTN_ROUTER_RENORMS)
 
 
 @dataclass
@@ -222,6 +281,9 @@ class ModelConfig:
     n_layers: int = 4
     max_seq_len: int = 1024
     tie_embeddings: bool = True
+    head_bias: bool = False  # a bias on the LM head (MoEUT's lm_head is a biased nn.Linear)
+    # a padding token whose embedding row is zero and never trained (UMoE's [PAD]); None = none
+    pad_token_id: Optional[int] = None
     moe_backend: str = "auto"  # routed-experts engine backend
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
@@ -236,6 +298,13 @@ class ModelConfig:
         check_positive(p + ".n_layers", self.n_layers)
         check_positive(p + ".max_seq_len", self.max_seq_len)
         check_choice(p + ".moe_backend", self.moe_backend, MOE_BACKENDS)
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"{p}.pad_token_id: {self.pad_token_id} is outside the vocabulary "
+                              f"(0..{self.vocab_size - 1})")
+        if self.pad_token_id is not None and self.tie_embeddings:
+            raise ConfigError(f"{p}.pad_token_id: a frozen padding row needs an untied head "
+                              f"(the head's gradient would train it); set "
+                              f"{p}.tie_embeddings=false")
         self.attention.validate(p + ".attention", self.d_model)
         self.ffn.validate(p + ".ffn")
         self.router.validate(p + ".router")
@@ -263,6 +332,10 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (global, before accumulation split)
     seq_len: int = 256
     grad_accum: int = 1
+    # the balance (aux) losses under accumulation: "mean" divides them by grad_accum like the LM
+    # loss; "per_micro_batch" adds each micro-batch's with weight 1, as UMoE's official training
+    # does (its AddAuxiliaryLoss), which makes the effective coefficient grad_accum x the config's
+    aux_loss_scale: str = "mean"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -301,6 +374,7 @@ class TrainConfig:
             if not 0 <= v < 1:
                 raise ConfigError(f"{p}.{name}: {v} must be in [0, 1)")
         check_choice(p + ".dtype", self.dtype, DTYPES)
+        check_choice(p + ".aux_loss_scale", self.aux_loss_scale, AUX_LOSS_SCALES)
         check_choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
         return self
 

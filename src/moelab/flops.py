@@ -46,7 +46,7 @@ def count(cfg: ModelConfig, batch: int = 1, seq_len: int | None = None,
     layers += Counts(0, 0, layer.macs * cfg.n_layers,
                      {k: v * cfg.n_layers for k, v in layer.parts.items()})
     embed = V * d
-    head_params = 0 if cfg.tie_embeddings else V * d
+    head_params = (0 if cfg.tie_embeddings else V * d) + (V if cfg.head_bias else 0)
     final_norm = norm_params(cfg)
     head_macs = T * d * V
     total = embed + layers.params + final_norm + head_params

@@ -56,14 +56,17 @@ class MoELM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg.validate()
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_distinct_layers))
         self.schedule = [i % cfg.n_distinct_layers for i in range(cfg.n_layers)]
         self.norm = make_norm(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         init_weights(self, cfg)
+        if cfg.pad_token_id is not None:  # zero, and padding_idx keeps its gradient zero
+            with torch.no_grad():
+                self.embed.weight[cfg.pad_token_id].zero_()
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.schedule))

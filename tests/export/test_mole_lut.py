@@ -290,3 +290,17 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
     text = results.read_text()
     assert "OLD-SECTION" not in text and text.endswith("tail\n")
     assert "| mole-disk | cold | 2 |" in text
+
+
+def test_an_exported_mole_converts_like_its_run(trained_run, converted, tmp_path):
+    """convert takes any model directory (moelab.loading): the `export hf` copy of a MoLE run
+    gives the same tables as the run."""
+    pytest.importorskip("transformers")
+    from moelab.export.hf import export_hf
+
+    exp = export_hf(trained_run, tmp_path / "export")
+    out = tmp_path / "lut"
+    convert_mole_lut(exp, out, dtype="fp16")
+    a = np.fromfile(out / "lut.bin", dtype=np.uint8)
+    b = np.fromfile(converted("fp16") / "lut.bin", dtype=np.uint8)
+    assert np.array_equal(a, b)

@@ -114,6 +114,71 @@ def test_dense_attention_matches_explicit_with_rope_and_gqa():
     assert torch.allclose(attn(x, None, 0, ForwardContext()), ref, atol=1e-10)
 
 
+def _project(attn, x, H, K, Dh):
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, H, Dh)
+    k = attn.k_proj(x).view(B, T, K, Dh)
+    v = attn.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
+    return q, k, v
+
+
+def test_sliding_window_matches_explicit_band_mask_and_cache():
+    """Query p sees keys p - w < j <= p (Mistral's sliding window), full forward and cached."""
+    w = 3
+    cfg = tiny(f"model.attention.sliding_window={w}", "model.attention.rope_fraction=0",
+               "model.attention.n_kv_heads=2").model
+    attn = DenseAttention(cfg, 0).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, T, H, K, Dh = 2, 9, 4, 2, cfg.head_dim
+    x = torch.randn(B, T, cfg.d_model, dtype=torch.float64)
+    q, k, v = _project(attn, x, H, K, Dh)
+    s = q.transpose(1, 2) @ k.transpose(1, 2).repeat_interleave(2, 1).transpose(-1, -2)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    s = (s / math.sqrt(Dh)).masked_fill((j > i) | (j <= i - w), float("-inf"))
+    o = (s.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2).reshape(B, T, H * Dh)
+    ref = attn.o_proj(o)
+    assert torch.allclose(attn(x, None, 0, ForwardContext()), ref, atol=1e-10)
+    from moelab.layers.base import LayerCache
+
+    cache = LayerCache()
+    parts = [attn(x[:, :4], cache, 0, ForwardContext()), attn(x[:, 4:6], cache, 4, ForwardContext())]
+    parts += [attn(x[:, t:t + 1], cache, t, ForwardContext()) for t in range(6, T)]
+    assert torch.allclose(torch.cat(parts, 1), ref, atol=1e-10)
+
+
+def test_qk_norm_over_all_heads_and_qkv_bias():
+    """OLMoE's QK-norm normalises q_proj's whole output (all heads) before the head split;
+    Qwen2's biases sit on q, k and v but not on the output projection."""
+    cfg = tiny("model.attention.qk_norm=true", "model.attention.qk_norm_scope=all",
+               "model.attention.qkv_bias=true", "model.attention.rope_fraction=0",
+               "model.attention.n_kv_heads=2").model
+    attn = DenseAttention(cfg, 0).double()
+    assert attn.q_proj.bias is not None and attn.o_proj.bias is None
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, mean=0.5, std=0.3)
+    B, T, H, K, Dh = 1, 6, 4, 2, cfg.head_dim
+    x = torch.randn(B, T, cfg.d_model, dtype=torch.float64)
+
+    def rms(t, w):  # over the whole last dim
+        return t / (t.pow(2).mean(-1, keepdim=True) + cfg.norm.eps).sqrt() * w
+
+    q = rms(attn.q_proj(x), attn.q_norm.norm.weight).view(B, T, H, Dh).transpose(1, 2)
+    k = rms(attn.k_proj(x), attn.k_norm.norm.weight).view(B, T, K, Dh).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
+    ref = attn.o_proj(_explicit_attention(q, k, v).transpose(1, 2).reshape(B, T, H * Dh))
+    assert torch.allclose(attn(x, None, 0, ForwardContext()), ref, atol=1e-10)
+
+
+def test_options_for_other_attention_kinds_are_refused():
+    from moelab.errors import ConfigError
+
+    for opt in ("sliding_window=8", "qkv_bias=true", "qk_norm_scope=all",
+                "rope_scaling.kind=linear"):
+        with pytest.raises(ConfigError, match="attention.kind 'dense' only"):
+            tiny(f"model.attention.{opt}", base="switchhead-tiny")
+
+
 def test_diagnostics_first_token_and_max_activation():
     m = MoELM(tiny("model.n_layers=3").model).eval()
     with torch.no_grad():  # zero queries: uniform causal attention, so weight on token 0 is 1/(t+1)

@@ -32,13 +32,17 @@ def _reference(layer, x_BTD):
                     h = h * (x @ bank.w3_EDH[e])
                 out[b, t] += r.weights_BTK[b, t, j].to(x.dtype) * (h @ bank.w2_EHD[e])
     if layer.shared is not None:
-        out = out + layer.shared(x_BTD, ForwardContext())
+        shared = layer.shared(x_BTD, ForwardContext())
+        if layer.shared_gate is not None:  # Qwen2-MoE: sigmoid(x w) * shared(x)
+            shared = torch.sigmoid(x_BTD @ layer.shared_gate.weight.t()) * shared
+        out = out + shared
     return out
 
 
 @pytest.mark.parametrize("sets", [MOE, MOE + ["model.ffn.gated=false", "model.ffn.activation=gelu"],
-                                  SIGMA, MOE + ["model.norm.scheme=peri"]],
-                         ids=["moe_swiglu", "moe_gelu", "sigma", "moe_peri"])
+                                  SIGMA, MOE + ["model.norm.scheme=peri"],
+                                  MOE + ["model.ffn.shared_gate=true", "model.router.renormalize=true"]],
+                         ids=["moe_swiglu", "moe_gelu", "sigma", "moe_peri", "moe_shared_gate"])
 @pytest.mark.parametrize("backend", ["loop", "auto"])
 def test_moe_ffn_matches_token_loop_outputs_and_grads(sets, backend):
     cfg = tiny(*sets, f"model.moe_backend={backend}").model
@@ -117,7 +121,7 @@ def test_moe_counts_match_module_and_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    for sets in (MOE, SIGMA):
+    for sets in (MOE, SIGMA, MOE + ["model.ffn.shared_gate=true"]):
         cfg = tiny(*sets).model
         m = MoELM(cfg)
         res = count(cfg, batch=2, seq_len=16, full_attention=True)

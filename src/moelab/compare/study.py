@@ -33,11 +33,22 @@ def tiny_presets() -> list[str]:
 
 def load_member(spec: str) -> tuple[str, Config]:
     """(name, config) of a study member given as a preset name or as a YAML/JSON config file
-    (named by its file stem): a combination no preset has joins a study as a file."""
+    (named by its file stem): a combination no preset has joins a study as a file. A model
+    directory (a run, `moelab import hf` output, a transformers directory; moelab.loading) is a
+    member that trains on from its weights (named by the directory)."""
+    if is_model_member(spec):
+        from moelab.loading import read_model_config
+
+        return Path(spec).expanduser().resolve().name, read_model_config(spec)
     if spec.endswith(CONFIG_SUFFIXES):
         path = Path(spec).expanduser()
         return path.stem, Config.load(path)  # ConfigError names a missing or bad file
     return spec, load_preset(spec)
+
+
+def is_model_member(spec: str) -> bool:
+    """Whether a member spec is a model directory (trained on from its weights)."""
+    return Path(spec).expanduser().is_dir()
 
 
 SEED_SUFFIX = re.compile(r"^(?P<spec>.+)@s(?P<seed>\d+)$")
@@ -110,13 +121,17 @@ def run_compare(presets: list[str], data_dir: str | Path, tokens: int, out_dir: 
         name = member_name(base, seed)
         cfg = base_cfg.with_overrides([*sets, f"train.seed={seed}"])
         matched = ""
-        if ref_macs is not None:
+        if is_model_member(preset):  # its sizes are its weights': never MAC-matched
+            matched = "pretrained weights (size not matched)" if ref_macs is not None else ""
+        elif ref_macs is not None:
             res = match_macs(cfg, ref_macs)
             cfg, matched = res.config, res.describe()
             _say(matched)
         steps = max(1, math.ceil(tokens / (cfg.train.batch_size * cfg.train.seq_len)))
         key = {"steps": steps, "config": cfg.to_dict()["model"], "seed": seed,
                "data": data_identity(data_dir)}
+        if is_model_member(preset):
+            key["init_from"] = str(Path(preset).expanduser().resolve())
         done = out / name / "compare.json"
         saved = json.loads(done.read_text()) if done.is_file() else {}
         if _same_key(saved.get("key"), key):
@@ -234,8 +249,10 @@ def train_member(m: Member, data_dir, out: Path, tasks, task_limit, eval_tokens,
 
     run_dir = out / m.name
     _say(f"{m.name}: {m.steps} steps of {m.cfg.train.batch_size} x {m.cfg.train.seq_len} tokens")
+    init = m.preset if is_model_member(m.preset) else None
     summary = train(m.cfg, data_dir=data_dir, out_dir=run_dir, steps=m.steps,
-                    resume=bool(list_checkpoints(run_dir)), progress=progress, device=device)
+                    resume=bool(list_checkpoints(run_dir)), progress=progress, device=device,
+                    init_from=init)
     row = evaluate_member(run_dir, m.cfg, summary, tasks, task_limit, eval_tokens, device)
     row.update(model=m.name, preset=m.preset, seed=m.seed, matched=m.matched)
     write_json_atomic(run_dir / "compare.json", {"key": m.key, "row": row})  # never torn

@@ -149,20 +149,17 @@ def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path |
 def _load_scored_model(path: Path, device, storage: Optional[str]):
     """(model, config, directory that owns eval.json, checkpoint name, lookup-table facts or
     None) of a training run / checkpoint, or of a converted MoLE directory."""
-    from moelab.export.mole_model import is_converted_dir, load_any
+    from moelab.loading import open_model
 
-    if is_converted_dir(path):
-        model, cfg, owner = load_any(path, device=device, storage=storage or "auto")
-        h = model.tables.header
+    m = open_model(path, device=device, storage=storage or "auto")  # any model directory
+    if m.kind == "mole-lut":
+        h = m.model.tables.header
         source = (h.get("source") or {}).get("checkpoint")
-        lookup = {"dtype": h["dtype"], "storage": model.tables.storage,
+        lookup = {"dtype": h["dtype"], "storage": m.model.tables.storage,
                   "bytes_per_token": h["bytes_per_token"], "source": source}
-        return model, cfg, owner, Path(source).name if source else owner.name, lookup
-    from moelab.train.checkpoint import load_model
-
-    model, cfg, ckpt = load_model(path, device=device)  # CheckpointError if there is none
-    # the run directory, also when a checkpoint dir was given
-    return model, cfg, ckpt.parent.parent, ckpt.name, None
+        return m.model, m.config, m.owner, Path(source).name if source else m.owner.name, lookup
+    # results go to the run directory, also when a checkpoint dir was given
+    return m.model, m.config, m.owner, m.checkpoint.name, None
 
 
 def _write_eval_json(run_dir: Path, split: str, res: dict) -> None:

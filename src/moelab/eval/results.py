@@ -29,12 +29,14 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, config, checkpoint dir, run dir) of a run's newest
     checkpoint (or of a checkpoint directory given directly)."""
     from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.checkpoint import find_tokenizer, load_model
+    from moelab.loading import open_model
     from moelab.train.loop import resolve_device
 
-    model, cfg, ckpt = load_model(Path(run_dir).expanduser(), device=resolve_device(device))
-    model.eval()
-    tok_path = find_tokenizer(ckpt)
+    m = open_model(Path(run_dir).expanduser(), device=resolve_device(device))
+    if m.kind == "mole-lut":
+        raise CheckpointError(f"{run_dir} is a converted MoLE directory: this takes the "
+                              "training run it was converted from")
+    model, cfg, ckpt, tok_path = m.model, m.config, m.checkpoint, m.tokenizer
     if tok_path is None:
         raise CheckpointError(f"{run_dir}: no tokenizer.json in the run directory or next to "
                               f"{ckpt.name}; copy the data directory's tokenizer.json there")
@@ -42,7 +44,7 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     if tok.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model "
                               f"only {cfg.model.vocab_size}; it is not this run's tokenizer")
-    return model, tok, cfg, ckpt, ckpt.parent.parent
+    return model, tok, cfg, ckpt, m.owner
 
 
 def context_length(cfg) -> int:

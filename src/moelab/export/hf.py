@@ -44,11 +44,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | 
     transformers model directory `out_dir`; returns it. `tokenizer` overrides the run's
     tokenizer.json."""
     from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.checkpoint import find_tokenizer, load_model
+    from moelab.loading import open_model
 
     out = _check_out(Path(out_dir).expanduser(), overwrite)  # before the (large) model loads
-    model, cfg, ckpt = load_model(run_dir)  # CheckpointError for a missing/damaged run
-    tok_path = Path(tokenizer) if tokenizer is not None else find_tokenizer(ckpt)
+    opened = open_model(run_dir)  # any model directory; CheckpointError for a damaged one
+    if opened.kind == "mole-lut":
+        raise ConfigError(f"{run_dir} is a converted MoLE directory; export the training run "
+                          "it was converted from (its mole_lut.json names the checkpoint)")
+    model, cfg, ckpt = opened.model, opened.config, opened.checkpoint
+    tok_path = Path(tokenizer) if tokenizer is not None else opened.tokenizer
     if tok_path is None:
         raise CheckpointError(f"{run_dir}: no tokenizer.json in the run or checkpoint "
                               "directory; pass the tokenizer the model was trained with")

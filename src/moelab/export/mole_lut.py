@@ -211,8 +211,7 @@ def convert_mole_lut(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp1
                      overwrite: bool = False) -> dict:
     """Convert the newest checkpoint of a MoLE run (or a checkpoint directory) into a
     self-contained lookup directory; returns its header. `moelab convert mole-lut`."""
-    from moelab.train.checkpoint import find_tokenizer, load_weights, read_config, \
-        resolve_checkpoint
+    from moelab.train.checkpoint import find_tokenizer, load_weights, resolve_checkpoint
     from moelab.model import MoELM
 
     _check_out(out_dir, overwrite)
@@ -220,14 +219,21 @@ def convert_mole_lut(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp1
     if (Path(run_dir) / HEADER).is_file():
         raise ConfigError(f"{run_dir} is already a converted MoLE directory; convert the "
                           "training run it came from (its mole_lut.json names the checkpoint)")
-    ckpt = resolve_checkpoint(Path(run_dir).expanduser())
-    cfg = read_config(ckpt)
+    from moelab.loading import model_dir_kind, open_model, read_model_config
+
+    path = Path(run_dir).expanduser()
+    cfg = read_model_config(path)  # any model directory (moelab.loading)
     if cfg.model.ffn.kind != "mole":  # before building the model: the weights may be large
         raise ConfigError(f"{run_dir}: model.ffn.kind is {cfg.model.ffn.kind!r}; only a MoLE "
                           "run (ffn.kind: mole) can be re-parameterised into lookup tables")
-    model = MoELM(cfg.model)
-    load_weights(model, ckpt)
-    run = ckpt.parent.parent
+    if model_dir_kind(path) in ("run", "checkpoint"):
+        ckpt = resolve_checkpoint(path)
+        model = MoELM(cfg.model)
+        load_weights(model, ckpt)
+        run = ckpt.parent.parent
+    else:  # an exported MoLE (moelab export hf)
+        opened = open_model(path)
+        model, ckpt, run = opened.model, opened.checkpoint, path
     # the run's tokenizer and data record travel along, so that `moelab generate/eval DIR`
     # find the tokenizer and the data directory without the run directory
     extra = [p for p in (find_tokenizer(ckpt), run / "run.json")

@@ -17,8 +17,8 @@ distinct token once, all layers), in layer order:
 - storage `device`: the table on the accelerator itself.
 Rows travel in their stored (possibly quantised) form and are dequantised where they are used.
 
-`load_converted(dir)` builds it; `load_any(path)` loads either a training run/checkpoint or a
-converted directory. A fetch is per-forward state held by the tables object: one forward at a
+`load_converted(dir)` builds it; any model directory (a run, a converted directory, a
+transformers directory) opens with `moelab.loading.open_model`. A fetch is per-forward state held by the tables object: one forward at a
 time per model (not re-entrant across threads).
 """
 from __future__ import annotations
@@ -300,15 +300,7 @@ def load_converted(path: str | Path, storage: str = "auto", device: str | torch.
 
 
 def load_any(path: str | Path, device: str | torch.device = "cpu", storage: str = "auto"):
-    """(model, config, dir) of a training run / checkpoint (via `load_model`) or of a converted
-    MoLE directory (the lookup model, its config, the directory)."""
-    if is_converted_dir(path):
-        model = load_converted(path, storage=storage, device=device)
-        return model, lookup_config(_read_config(path)), Path(path).expanduser()
-    from moelab.train.checkpoint import load_model
+    """Kept for older callers: moelab.loading.load_any opens every kind of model directory."""
+    from moelab.loading import load_any as _load_any
 
-    return load_model(path, device=device)
-
-
-def _read_config(path) -> Config:
-    return Config.from_dict(json.loads((Path(path).expanduser() / "config.json").read_text()))
+    return _load_any(path, device=device, storage=storage)

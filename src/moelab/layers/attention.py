@@ -18,15 +18,22 @@ from moelab.registry import ATTENTION
 
 
 def causal_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
-                     past: int, scale: float | None = None) -> torch.Tensor:
+                     past: int, scale: float | None = None, window: int = 0) -> torch.Tensor:
     """SDPA where query t (absolute position past + t) sees keys 0 .. past + t.
 
     `is_causal` in SDPA aligns the mask to the top-left corner, which is only right without a
     cache prefix; with one, a single new token needs no mask and a chunk needs an explicit one.
     `scale` defaults to 1/sqrt(head dim); SwitchHead pre-scales q and k and passes 1.
+    `window` > 0 (sliding-window attention, Mistral): query p sees only keys p - window < j <= p.
     """
     T, S = q_BHTD.shape[-2], k_BKSD.shape[-2]
     gqa = q_BHTD.shape[1] != k_BKSD.shape[1]
+    if window and S > window:
+        j_S = torch.arange(S, device=q_BHTD.device)
+        p_T1 = past + torch.arange(T, device=q_BHTD.device)[:, None]
+        mask = (j_S <= p_T1) & (j_S > p_T1 - window)
+        return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask,
+                                              scale=scale, enable_gqa=gqa)
     if past == 0:
         return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=True,
                                               scale=scale, enable_gqa=gqa)
@@ -65,16 +72,19 @@ class DenseAttention(nn.Module):
         a, d = cfg.attention, cfg.d_model
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.kv_heads, cfg.head_dim
         self.gate = AttentionGate(a.gate, self.n_heads, self.n_kv, self.head_dim)
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim + self.gate.width, bias=a.bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=a.bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=a.bias)
+        qkv_bias = a.bias or a.qkv_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim + self.gate.width, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=a.bias)
+        self.window = a.sliding_window
         mark_residual_out(self.o_proj.weight)
         # peri-LN: queries, keys and the gate read a normed input; values read the raw stream.
         self.qk_in_norm = make_norm(cfg) if cfg.norm.scheme == "peri" else nn.Identity()
-        self.q_norm = make_norm(cfg, self.head_dim) if a.qk_norm else nn.Identity()
-        self.k_norm = make_norm(cfg, self.head_dim) if a.qk_norm else nn.Identity()
-        self.rope = RotaryEmbedding(self.head_dim, a.rope_fraction, a.rope_theta)
+        self.q_norm = qk_norm(cfg, self.n_heads, self.head_dim) if a.qk_norm else nn.Identity()
+        self.k_norm = qk_norm(cfg, self.n_kv, self.head_dim) if a.qk_norm else nn.Identity()
+        self.rope = RotaryEmbedding(self.head_dim, a.rope_fraction, a.rope_theta,
+                                    a.rope_scaling)
 
     def forward(self, x_BTD: torch.Tensor, cache: LayerCache | None, past: int,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -89,7 +99,7 @@ class DenseAttention(nn.Module):
         if cache is not None:
             kv = cache.update(k=k_BKTD, v=v_BKTD)
             k_BKTD, v_BKTD = kv["k"], kv["v"]
-        o_BHTD = causal_attention(q_BHTD, k_BKTD, v_BKTD, past)
+        o_BHTD = causal_attention(q_BHTD, k_BKTD, v_BKTD, past, window=self.window)
         if ctx.diagnostics:
             ctx.add_diag("attn_first_token", first_token_attention(q_BHTD, k_BKTD, past))
         o_BTHD = self.gate.on_output(o_BHTD.transpose(1, 2), g)
@@ -99,14 +109,35 @@ class DenseAttention(nn.Module):
     def count(cfg: ModelConfig, T: int, full_attention: bool = False) -> Counts:
         a, d, dh = cfg.attention, cfg.d_model, cfg.head_dim
         gate = AttentionGate(a.gate, a.n_heads, a.kv_heads, dh)
-        c = (linear_counts("attn.q_proj", d, a.n_heads * dh + gate.width, T, a.bias)
-             + linear_counts("attn.k_proj", d, a.kv_heads * dh, T, a.bias)
-             + linear_counts("attn.v_proj", d, a.kv_heads * dh, T, a.bias)
+        qkv_bias = a.bias or a.qkv_bias
+        c = (linear_counts("attn.q_proj", d, a.n_heads * dh + gate.width, T, qkv_bias)
+             + linear_counts("attn.k_proj", d, a.kv_heads * dh, T, qkv_bias)
+             + linear_counts("attn.v_proj", d, a.kv_heads * dh, T, qkv_bias)
              + linear_counts("attn.o_proj", a.n_heads * dh, d, T, a.bias))
         core = attention_core_macs(a.n_heads, T, dh, dh, full_attention)
         c += Counts(0, 0, core, {"attn.scores_mix": core})
-        norm_p = norm_params(cfg, dh) * 2 * a.qk_norm + norm_params(cfg) * (cfg.norm.scheme == "peri")
+        qk_dims = (dh, dh) if a.qk_norm_scope == "head" else (a.n_heads * dh, a.kv_heads * dh)
+        norm_p = (sum(norm_params(cfg, w) for w in qk_dims) * a.qk_norm
+                  + norm_params(cfg) * (cfg.norm.scheme == "peri"))
         return c + Counts(norm_p, norm_p, 0, {})
+
+
+class AllHeadsNorm(nn.Module):
+    """A norm over the dims of all heads at once (OLMoE normalises q_proj's whole output)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x_BTHD: torch.Tensor) -> torch.Tensor:
+        return self.norm(x_BTHD.flatten(-2)).view_as(x_BTHD)
+
+
+def qk_norm(cfg: ModelConfig, n_heads: int, head_dim: int) -> nn.Module:
+    """QK-norm on (B, T, heads, head_dim): per head, or over all heads (`qk_norm_scope`)."""
+    if cfg.attention.qk_norm_scope == "all":
+        return AllHeadsNorm(make_norm(cfg, n_heads * head_dim))
+    return make_norm(cfg, head_dim)
 
 
 def norm_params(cfg: ModelConfig, dim: int | None = None) -> int:

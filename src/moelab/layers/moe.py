@@ -61,6 +61,8 @@ class MoEFFN(nn.Module):
         mark_residual_out(self.experts.w2_EHD)
         shared_width = f.n_shared_experts * (f.shared_expert_dim or f.expert_dim)
         self.shared = DenseFFN(cfg, layer_idx, d_ff=shared_width) if shared_width else None
+        # Qwen2-MoE: the shared experts' output is scaled by a per-token sigmoid gate
+        self.shared_gate = nn.Linear(d, 1, bias=False) if f.shared_gate else None
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -71,7 +73,10 @@ class MoEFFN(nn.Module):
             w_TK = w_TK * self._within_capacity(plan, r.weights_BTK, ctx)
         y_BTD = self.experts(x_BTD.reshape(B * T, D), plan, w_TK).view(B, T, D)
         if self.shared is not None:
-            y_BTD = y_BTD + self.shared(x_BTD, ctx)
+            s_BTD = self.shared(x_BTD, ctx)
+            if self.shared_gate is not None:
+                s_BTD = s_BTD * torch.sigmoid(self.shared_gate(x_BTD))
+            y_BTD = y_BTD + s_BTD
         return y_BTD
 
     def _within_capacity(self, plan, weights_BTK: torch.Tensor,
@@ -95,6 +100,8 @@ class MoEFFN(nn.Module):
         shared_width = f.n_shared_experts * (f.shared_expert_dim or f.expert_dim)
         if shared_width:
             c += DenseFFN.count(cfg, T, d_ff=shared_width)
+        if f.shared_gate:
+            c += linear_counts("ffn.shared_gate", d, 1, T)
         if cfg.norm.scheme == "peri":
             from moelab.layers.attention import norm_params
 

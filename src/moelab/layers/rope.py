@@ -1,8 +1,12 @@
 """Rotary position embedding with a rotated fraction and a position offset (= cached length)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+
+from moelab.config import RopeScalingConfig
 
 
 class RotaryEmbedding(nn.Module):
@@ -13,10 +17,12 @@ class RotaryEmbedding(nn.Module):
     which breaks cached decoding).
     """
 
-    def __init__(self, head_dim: int, fraction: float = 1.0, theta: float = 10000.0):
+    def __init__(self, head_dim: int, fraction: float = 1.0, theta: float = 10000.0,
+                 scaling: RopeScalingConfig | None = None):
         super().__init__()
         rot = int(head_dim * fraction) // 2 * 2
         self.rot_dim, self.theta = rot, theta
+        self.scaling = scaling if scaling is not None and scaling.kind != "none" else None
         # Frequencies are computed per call in the working dtype rather than kept as a buffer,
         # which `model.to(torch.bfloat16)` would round to a few significant bits.
 
@@ -24,6 +30,8 @@ class RotaryEmbedding(nn.Module):
         pos_T = torch.arange(offset, offset + T, device=device, dtype=dtype)
         inv_freq = self.theta ** (-torch.arange(0, self.rot_dim, 2, device=device, dtype=dtype)
                                   / self.rot_dim)
+        if self.scaling is not None:
+            inv_freq = scale_frequencies(inv_freq, self.scaling)
         freqs_TR = torch.outer(pos_T, inv_freq)  # (T, rot/2)
         emb_TR = torch.cat([freqs_TR, freqs_TR], dim=-1)
         return emb_TR.cos(), emb_TR.sin()
@@ -39,3 +47,17 @@ class RotaryEmbedding(nn.Module):
         rotated = torch.cat([-x2, x1], dim=-1)
         out = x_rot.to(dtype) * cos + rotated * sin
         return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
+
+
+def scale_frequencies(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
+    """RoPE frequencies under a `RopeScalingConfig` (linear or Llama 3.1 scaling)."""
+    if s.kind == "linear":  # position interpolation: positions / factor
+        return inv_freq / s.factor
+    if s.kind == "llama3":
+        # Llama 3.1: long wavelengths (> L / low) slowed down by `factor`, short ones
+        # (< L / high) kept, a linear blend in 1/wavelength between (L = original context)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((s.original_max_seq_len / wavelen - s.low_freq_factor)
+                  / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    raise ValueError(f"unknown RoPE scaling {s.kind!r}")

@@ -81,12 +81,16 @@ def seed_everything(seed: int) -> None:
 def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path = "runs/run",
           steps: Optional[int] = None, tokens: Optional[int] = None, resume: bool = False,
           progress: bool = True, device: str = "auto", stop_at: Optional[int] = None,
-          tensorboard: bool = True, parallel: Optional[str] = None) -> dict:
+          tensorboard: bool = True, parallel: Optional[str] = None,
+          init_from: str | Path | None = None) -> dict:
     """Train `cfg` on a prepared data directory, writing the run to `out_dir`.
 
     stop_at: stop (with a checkpoint) after this step although the schedule runs to the full
         total, as if the process had been killed right after saving; `resume=True` continues.
     parallel: ddp | fsdp | ep under torchrun (default: train.parallel); ignored in one process.
+    init_from: a model directory (run, imported or transformers directory, ...; see
+        moelab.loading) whose weights the run starts from, with a fresh optimizer and schedule
+        (fine-tuning); ignored when resuming (the checkpoint holds the weights).
     Returns a summary dict (see docs/training.md); every rank returns the same numbers.
     """
     dev = resolve_device(device)
@@ -94,7 +98,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
     try:
         with RunDirGuard(out_dir, env):
             return _train(cfg, data_dir, out_dir, steps, tokens, resume, progress, dev,
-                          stop_at, tensorboard, env)
+                          stop_at, tensorboard, env, init_from)
     finally:
         ddist.teardown(env)
 
@@ -149,7 +153,7 @@ class RunDirGuard:
 
 def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress: bool,
            dev: torch.device, stop_at: Optional[int], tensorboard: bool,
-           env: ddist.DistEnv) -> dict:
+           env: ddist.DistEnv, init_from=None) -> dict:
     from moelab.data.loader import TokenLoader
     from moelab.data.shards import check_tokenizer, load_meta
     from moelab.flops import count
@@ -212,6 +216,8 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     model = MoELM(cfg.model).to(dev)
     if resume_ckpt is not None:  # before sharding: every rank loads the same full weights
         ckpt_io.load_weights(model, resume_ckpt)
+    elif init_from is not None:
+        load_initial_weights(model, init_from)
     wrapped = ddist.wrap_model(model, env, dev, ep_size=tc.ep_size)
     routing = ddist.GlobalRouting(model, env) if env.active else None
     optimizer = build_optimizer(model, tc)
@@ -241,6 +247,8 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
     params = {"params_total": counts["params_total"], "params_active": counts["params_active"]}
     layout = {"world_size": env.world_size,
               "parallel": env.parallel if env.active else "none"}
+    if init_from is not None and resume_ckpt is None:
+        layout["init_from"] = str(Path(init_from).expanduser().resolve())
     env.barrier()  # every rank has checked the run directory before rank 0 changes it
     # Nothing is written into the run directory until the first optimizer step has succeeded
     # (a bad backend, a shape error, a token id beyond the vocabulary all surface there), so a
@@ -298,7 +306,8 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
             lr = schedule.apply()
             try:
                 stats = train_step(fwd, optimizer, x_BT, y_BT, tc.grad_accum, tc.grad_clip,
-                                   precision, scaler, dist=dist_arg)
+                                   precision, scaler, dist=dist_arg,
+                                   aux_per_micro_batch=tc.aux_loss_scale == "per_micro_batch")
             except NonFiniteLoss as e:
                 raise _non_finite_error(run_dir, s + 1, e.stats) from None
             schedule.advance()
@@ -362,6 +371,30 @@ def check_token_ids(x_BT: torch.Tensor, y_BT: torch.Tensor, vocab_size: int, dat
 
 def _warn(message: str) -> None:
     print(f"moelab: warning: {message}", file=sys.stderr)
+def load_initial_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy the weights of the model in directory `path` into `model` (strict: every tensor,
+    same shapes); ConfigError naming the first mismatch."""
+    from moelab.loading import open_model
+
+    src = open_model(path)
+    if src.kind == "mole-lut":
+        raise ConfigError(f"--init-from {path}: a converted MoLE directory is not trainable; "
+                          "start from the run it was converted from")
+    # a balance bias (router.bias_rate) is training state: a fresh run may start it at 0
+    fresh = ("balance_bias_E",)
+    theirs = {k: v for k, v in src.model.state_dict().items() if not k.endswith(fresh)}
+    mine = {k: v for k, v in model.state_dict().items() if not k.endswith(fresh)}
+    for name, t in mine.items():
+        if name not in theirs or theirs[name].shape != t.shape:
+            got = list(theirs[name].shape) if name in theirs else "absent"
+            raise ConfigError(f"--init-from {path}: tensor {name} is {got} there, "
+                              f"{list(t.shape)} in the model being trained; train it with the "
+                              "model config of that directory (drop --preset/--config)")
+    extra = sorted(set(theirs) - set(mine))
+    if extra:
+        raise ConfigError(f"--init-from {path}: it has tensor {extra[0]} that the model being "
+                          "trained lacks; train it with that directory's model config")
+    model.load_state_dict(theirs, strict=False)
 
 
 def _non_finite_error(run_dir: Path, step: int, stats: dict) -> TrainingError:

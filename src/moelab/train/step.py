@@ -106,8 +106,13 @@ def _grad_norm(params: list[torch.Tensor], grad_clip: float, dist=None) -> torch
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: torch.Tensor,
                y_BT: torch.Tensor, grad_accum: int = 1, grad_clip: float = 0.0,
                precision: Optional[Precision] = None,
-               scaler: Optional["torch.amp.GradScaler"] = None, dist=None) -> dict[str, float]:
+               scaler: Optional["torch.amp.GradScaler"] = None, dist=None,
+               aux_per_micro_batch: bool = False) -> dict[str, float]:
     """Forward/backward over the micro-batches of one global batch, clip, check, update.
+
+    The LM loss of each micro-batch is divided by grad_accum; so is the aux loss, unless
+    `aux_per_micro_batch` (`train.aux_loss_scale: per_micro_batch`, UMoE's official training),
+    which adds every micro-batch's aux loss with weight 1.
 
     Returns the step's statistics averaged over micro-batches (one host sync for all of them),
     plus `grad_norm` (before clipping). The lr must already be set on the optimizer.
@@ -123,7 +128,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_BT: t
         with sync(i == grad_accum - 1):
             with precision.autocast():
                 out = model(xb_bT, yb_bT)
-            objective = (out.loss + out.aux_loss.float()) / grad_accum
+            aux = out.aux_loss.float() * (1.0 if aux_per_micro_batch else 1.0 / grad_accum)
+            objective = out.loss / grad_accum + aux
             (scaler.scale(objective) if scaler is not None else objective).backward()
         names, stats_S = _stats(out)
         sum_S = stats_S if sum_S is None else sum_S + stats_S
