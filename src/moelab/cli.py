@@ -350,7 +350,6 @@ def cmd_generate(args) -> int:
     import torch
 
     from moelab.errors import ConfigError
-
     from moelab.model import check_sampling
 
     # the arguments first: a typo should not wait for a model to load
