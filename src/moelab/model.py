@@ -63,14 +63,19 @@ class MoELM(nn.Module):
             self.head.weight = self.embed.weight
         init_weights(self, cfg)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.schedule))
+    def new_cache(self, capacity: Optional[int] = None) -> KVCache:
+        """An empty cache; `capacity` positions (prompt + new tokens) are preallocated."""
+        return KVCache(len(self.schedule), capacity)
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, diagnostics: bool = False) -> ModelOutput:
+                cache: Optional[KVCache] = None, diagnostics: bool = False,
+                stats: Optional[bool] = None) -> ModelOutput:
+        """`stats`: compute balance losses (`aux_loss`) and routing metrics; default: in
+        training mode only (evaluation and `report` ask for them with stats=True)."""
         past = cache.seq_len if cache is not None else 0
         x_BTD = self.embed(idx_BT)
-        ctx = ForwardContext(token_emb_BTD=x_BTD, diagnostics=diagnostics)
+        ctx = ForwardContext(token_emb_BTD=x_BTD, diagnostics=diagnostics,
+                             stats=self.training if stats is None else stats)
         for pos, layer_id in enumerate(self.schedule):
             ctx.position = pos
             layer_cache = cache.layers[pos] if cache is not None else None
@@ -100,7 +105,7 @@ class MoELM(nn.Module):
         emitting it; generation stops early once every sequence has finished."""
         was_training = self.training
         self.eval()
-        cache = self.new_cache() if use_cache else None
+        cache = self.new_cache(idx_BT.shape[1] + max_new_tokens) if use_cache else None
         out_BT = idx_BT
         step_in = idx_BT
         done_B = torch.zeros(idx_BT.shape[0], dtype=torch.bool, device=idx_BT.device)

@@ -28,12 +28,22 @@ class RotaryEmbedding(nn.Module):
         emb_TR = torch.cat([freqs_TR, freqs_TR], dim=-1)
         return emb_TR.cos(), emb_TR.sin()
 
-    def forward(self, x_BHTD: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x_BHTD: torch.Tensor, offset: int = 0,
+                tables: dict | None = None) -> torch.Tensor:
+        """`tables`: the forward pass's memo (`ForwardContext.rope`), so q and k of every layer
+        share one cos/sin computation per pass instead of one each."""
         if self.rot_dim == 0:
             return x_BHTD
         # at least float32 (bf16 angles lose whole positions), float64 stays float64
         dtype = torch.promote_types(x_BHTD.dtype, torch.float32)
-        cos, sin = self.cos_sin(x_BHTD.shape[-2], offset, x_BHTD.device, dtype)
+        T = x_BHTD.shape[-2]
+        if tables is None:
+            cos, sin = self.cos_sin(T, offset, x_BHTD.device, dtype)
+        else:
+            key = (self.rot_dim, self.theta, T, offset, dtype, x_BHTD.device)
+            if key not in tables:
+                tables[key] = self.cos_sin(T, offset, x_BHTD.device, dtype)
+            cos, sin = tables[key]
         x_rot, x_pass = x_BHTD[..., : self.rot_dim], x_BHTD[..., self.rot_dim:]
         x1, x2 = x_rot.to(dtype).chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)

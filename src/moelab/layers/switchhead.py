@@ -82,9 +82,9 @@ class SwitchHeadAttention(nn.Module):
         xn_BTD = self.in_norm(x_BTD)
         s = dh ** -0.25  # MoEUT: q and k each scaled by d_h^-1/4, SDPA scale 1
         q_BHTD = self.rope(self.q_norm(self.q_proj(xn_BTD).view(B, T, H, dh)).transpose(1, 2),
-                           past) * s
+                           past, ctx.rope) * s
         k_BHTD = self.rope(self.k_norm(self.k_proj(xn_BTD).view(B, T, H, dh)).transpose(1, 2),
-                           past) * s
+                           past, ctx.rope) * s
         v_BHTV = self._values(x_BTD, xn_BTD, ctx).transpose(1, 2)
         if cache is not None:
             kv = cache.update(k=k_BHTD, v=v_BHTV)
