@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options of benchmarks/mole_decode.py (--quick, --json, --threads N, "
                         "--write-results, ...)")
     q.set_defaults(func=cmd_bench_mole_decode)
+    q = bsub.add_parser("generate", help="greedy generate tokens/s vs transformers (Llama, "
+                                         "Qwen2-MoE) with the same weights")
+    q.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="options of benchmarks/generate.py (--quick, --json, --models, "
+                        "--batches, --dtypes, --write-results, ...)")
+    q.set_defaults(func=cmd_bench_generate)
 
     p = sub.add_parser("demo", help="the main job: prepare data, train, evaluate, sample")
     p.add_argument("--out", default="runs/demo")
@@ -481,6 +487,12 @@ def cmd_bench_moe_layer(args) -> int:
 
 def cmd_bench_mole_decode(args) -> int:
     from moelab.export.mole_bench import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def cmd_bench_generate(args) -> int:
+    from moelab.eval.generate_bench import main as bench_main
 
     return bench_main(args.rest) or 0
 
