@@ -161,7 +161,7 @@ def test_rope_tables_computed_once_per_forward(monkeypatch):
     from moelab.layers.rope import RotaryEmbedding
 
     calls = []
-    orig = RotaryEmbedding.cos_sin
+    orig = RotaryEmbedding.rotation_tables
 
     def counting(self, *a, **k):
         calls.append(1)
@@ -170,6 +170,14 @@ def test_rope_tables_computed_once_per_forward(monkeypatch):
     m = _m()
     x = torch.randint(0, 97, (1, 6))
     ref = m(x).logits
-    monkeypatch.setattr(RotaryEmbedding, "cos_sin", counting)
+    monkeypatch.setattr(RotaryEmbedding, "rotation_tables", counting)
     assert torch.equal(m(x).logits, ref)  # same numbers as the per-call tables
     assert len(calls) == 1  # 2 layers x (q, k) share one table
+
+
+def test_last_only_logits_equal_the_last_row():
+    m = _m()
+    x = torch.randint(0, 97, (2, 6))
+    assert torch.allclose(m(x, last_only=True).logits, m(x).logits[:, -1:], atol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        m(x, targets_BT=x, last_only=True)

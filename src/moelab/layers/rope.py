@@ -28,6 +28,13 @@ class RotaryEmbedding(nn.Module):
         emb_TR = torch.cat([freqs_TR, freqs_TR], dim=-1)
         return emb_TR.cos(), emb_TR.sin()
 
+    def rotation_tables(self, T: int, offset: int, device, dtype=torch.float32):
+        """(cos, signed sin), each (T, rot): rotate_half(x) * sin = roll(x, rot/2) * signed sin
+        with the first half of sin negated, which saves the chunk/neg/cat of rotate-half."""
+        cos, sin = self.cos_sin(T, offset, device, dtype)
+        half = self.rot_dim // 2
+        return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+
     def forward(self, x_BHTD: torch.Tensor, offset: int = 0,
                 tables: dict | None = None) -> torch.Tensor:
         """`tables`: the forward pass's memo (`ForwardContext.rope`), so q and k of every layer
@@ -37,15 +44,16 @@ class RotaryEmbedding(nn.Module):
         # at least float32 (bf16 angles lose whole positions), float64 stays float64
         dtype = torch.promote_types(x_BHTD.dtype, torch.float32)
         T = x_BHTD.shape[-2]
-        if tables is None:
-            cos, sin = self.cos_sin(T, offset, x_BHTD.device, dtype)
-        else:
-            key = (self.rot_dim, self.theta, T, offset, dtype, x_BHTD.device)
-            if key not in tables:
-                tables[key] = self.cos_sin(T, offset, x_BHTD.device, dtype)
-            cos, sin = tables[key]
-        x_rot, x_pass = x_BHTD[..., : self.rot_dim], x_BHTD[..., self.rot_dim:]
-        x1, x2 = x_rot.to(dtype).chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        out = x_rot.to(dtype) * cos + rotated * sin
-        return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
+        key = (self.rot_dim, self.theta, T, offset, dtype, x_BHTD.device)
+        if tables is None or key not in tables:
+            cs = self.rotation_tables(T, offset, x_BHTD.device, dtype)
+            if tables is None:
+                tables = {}
+            tables[key] = cs
+        cos, sin_signed = tables[key]
+        full = self.rot_dim == x_BHTD.shape[-1]
+        x_rot = (x_BHTD if full else x_BHTD[..., : self.rot_dim]).to(dtype)
+        # x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) (RoFormer eq. 34, half layout)
+        out = torch.addcmul(x_rot * cos, x_rot.roll(self.rot_dim // 2, dims=-1), sin_signed)
+        out = out.to(x_BHTD.dtype)
+        return out if full else torch.cat([out, x_BHTD[..., self.rot_dim:]], dim=-1)
