@@ -108,8 +108,10 @@ class SwitchHeadAttention(nn.Module):
         plan = build_plan(idx_BTHK.reshape(B * T, J), self.H * self.Ea)
         y_SV = routed_matmul(x_BTD.reshape(B * T, D), self.w_v_EDV, plan, gather=True,
                              backend=self.backend)
-        y_TJV = plan.unsort_pairs(y_SV) * w_BTHK.reshape(B * T, J, 1).to(y_SV.dtype)
-        return y_TJV.view(B, T, self.H, self.top_k, self.dv).sum(3)
+        # each (token, head) sums its own k experts: one weighted gather-sum (embedding_bag)
+        head_plan = plan.regrouped(self.top_k)
+        w_NK = w_BTHK.reshape(B * T * self.H, self.top_k).to(y_SV.dtype)
+        return combine(y_SV, head_plan, w_NK).view(B, T, self.H, self.dv)
 
     def _outputs(self, o_BTHV, xn_BTD, ctx) -> torch.Tensor:
         """y = sum_h sum_e s^o_{h,e} o_h W_o[h, e], (B, T, d)."""
