@@ -7,7 +7,10 @@ one step each per round (--warmup untimed rounds, then --steps timed ones), so a
 a shared machine affects every pair alike; the table reports each pair's median step.
 
     python benchmarks/train_throughput.py [--steps 10] [--dtypes float32,bfloat16] [--no-write]
-        [--presets P1,P2] [--set train.seq_len=1024 ...] [--compile] [--device cuda]
+        [--presets P1,P2] [--set train.seq_len=1024 ...] [--compile [both]] [--device cuda]
+
+`--compile both` times every pair eagerly and under `torch.compile` side by side (the compile
+itself happens in the untimed warm-up rounds) and writes the `train_throughput_compile` section.
 
 MFU = model FLOPs / (step time x matmul peak). Model FLOPs of a step = 3 x 2 x the analytic
 forward MACs of the global batch (`moelab.flops.count`, attention counted causally; backward =
@@ -83,13 +86,18 @@ def make_step(preset: str, dtype: str, device: torch.device, sets: tuple[str, ..
     return info, step
 
 
-def bench(pairs: list[tuple[str, str]], steps: int, warmup: int, device: torch.device,
+def bench(pairs: list[tuple], steps: int, warmup: int, device: torch.device,
           sets: tuple[str, ...] = (), compile: bool = False) -> list[dict]:
     """Time the pairs round-robin, one step each per round, so that a load change on a shared
     machine hits every pair alike; report each pair's median step and its MFU against the
     matmul peak measured here for its precision."""
-    setups = [make_step(preset, dtype, device, sets, compile) for preset, dtype in pairs]
-    peaks = {dtype: matmul_peak(dtype, device) for dtype in sorted({d for _, d in pairs})}
+    # a pair may carry its own compile flag (preset, dtype, compiled): `--compile both`
+    pairs = [p if len(p) == 3 else (*p, compile) for p in pairs]
+    setups = []
+    for preset, dtype, comp in pairs:
+        info, step = make_step(preset, dtype, device, sets, comp)
+        setups.append(({**info, "compiled": comp}, step))
+    peaks = {dtype: matmul_peak(dtype, device) for dtype in sorted({p[1] for p in pairs})}
     times: list[list[float]] = [[] for _ in setups]
     for r in range(warmup + steps):
         for i, (_, step) in enumerate(setups):
@@ -104,6 +112,21 @@ def bench(pairs: list[tuple[str, str]], steps: int, warmup: int, device: torch.d
                      "peak_tflops": peaks[info["dtype"]] / 1e12,
                      "mfu": info["model_flops"] / step_s / peaks[info["dtype"]]})
     return rows
+
+
+def compile_table(rows: list[dict]) -> str:
+    """Eager and compiled rows of each (preset, precision) side by side."""
+    eager = {(r["preset"], r["dtype"]): r for r in rows if not r["compiled"]}
+    lines = ["| preset | precision | eager step (ms) | compiled step (ms) | eager tokens/s "
+             "| compiled tokens/s | compiled vs eager |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        e = eager.get((r["preset"], r["dtype"]))
+        if r["compiled"] and e:
+            lines.append(f"| {r['preset']} | {r['dtype']} | {e['step_ms']:.1f} "
+                         f"| {r['step_ms']:.1f} | {e['tokens_per_s']:,.0f} "
+                         f"| {r['tokens_per_s']:,.0f} "
+                         f"| {r['tokens_per_s'] / e['tokens_per_s']:.2f}x |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -134,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every preset (e.g. train.seq_len=1024)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile", nargs="?", const="on", default=None, choices=["on", "both"],
+                    help="torch.compile the model; `both`: eager and compiled side by side")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     presets = (args.presets.split(",") if args.presets
                else [p for p in preset_names() if p.endswith("-tiny")])
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    rows = bench([(p, d) for p in presets for d in args.dtypes.split(",")], args.steps,
-                 args.warmup, device, tuple(args.sets), args.compile)
+    pairs = [(p, d) for p in presets for d in args.dtypes.split(",")]
+    if args.compile == "both":
+        pairs = [(p, d, c) for p, d in pairs for c in (False, True)]
+    rows = bench(pairs, args.steps, args.warmup, device, tuple(args.sets),
+                 args.compile == "on")
     cmd = "python benchmarks/train_throughput.py" + (f" {' '.join(argv)}" if argv else
                                                      (" " + " ".join(sys.argv[1:])).rstrip())
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -156,16 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {where}. "
         f"Median of {args.steps} full optimizer steps (forward, backward, clip, fused AdamW) "
         "after warmup, timed round-robin across rows, random tokens"
-        + (", torch.compile" if args.compile else "") + ". MFU = 6 x forward MACs of the "
+        + {None: "", "on": ", torch.compile", "both": ", eager and torch.compile (the "
+           "compile runs in the warm-up rounds)"}[args.compile] + ". MFU = 6 x forward MACs of the "
         "batch / step time / the matmul peak measured in this run for the row's precision."
         + (f" 1-minute load average before the run: {load_before:.1f} (other processes "
            "sharing the cores lower these numbers)." if load_before is not None
-           and device.type == "cpu" else ""), "", table(rows)])
+           and device.type == "cpu" else ""), "",
+        compile_table(rows) if args.compile == "both" else table(rows)])
     print(body)
     if not args.no_write:
         # CPU and GPU runs keep separate sections: one never replaces the other
-        write_section("train_throughput_cuda" if device.type == "cuda" else "train_throughput",
-                      body)
+        name = "train_throughput_cuda" if device.type == "cuda" else "train_throughput"
+        write_section(name + ("_compile" if args.compile == "both" else ""), body)
     return 0
 
 

@@ -142,3 +142,62 @@ def test_generate_refuses_sampling_arguments_out_of_range(kwargs, words):
     with pytest.raises(ConfigError, match="at least one token"):
         m.generate(torch.zeros(2, 0, dtype=torch.long), 2)
     assert m.generate(torch.zeros(1, 3, dtype=torch.long), 0).shape == (1, 3)  # 0 new: prompt
+def test_routing_statistics_only_when_asked():
+    """Evaluation and generation skip balance losses and routing metrics (same logits);
+    training computes them, and stats=True asks for them in eval mode (report, val loads)."""
+    m = _m("model.ffn.kind=moe", "model.ffn.n_experts=4", "model.ffn.top_k=2",
+           "model.ffn.expert_dim=16", "model.router.switch_coef=0.01", "model.router.z_coef=0.001")
+    x = torch.randint(0, 97, (2, 7))
+    off = m(x)
+    assert off.aux_losses == {} and off.metrics == {} and off.aux_loss.item() == 0.0
+    on = m(x, stats=True)
+    assert torch.equal(on.logits, off.logits)
+    assert "layer0.ffn_router.switch" in on.aux_losses and "layer1.ffn_router.load" in on.metrics
+    assert on.aux_loss.item() > 0
+    m.train()
+    trained = m(x)
+    assert set(trained.aux_losses) == set(on.aux_losses) and set(trained.metrics) == set(on.metrics)
+    assert m(x, stats=False).metrics == {}
+
+
+def test_generate_preallocates_the_cache(monkeypatch):
+    m = _m("model.ffn.kind=moe", "model.ffn.n_experts=4", "model.ffn.top_k=1",
+           "model.ffn.expert_dim=16")
+    seen = []
+    orig = m.new_cache
+
+    def spy(capacity=None):
+        seen.append(capacity)
+        return orig(capacity)
+
+    monkeypatch.setattr(m, "new_cache", spy)
+    x = torch.randint(0, 97, (3, 4))
+    out = m.generate(x, 6, temperature=0)
+    assert seen == [10]
+    assert torch.equal(out, m.generate(x, 6, temperature=0, use_cache=False))
+
+
+def test_rope_tables_computed_once_per_forward(monkeypatch):
+    from moelab.layers.rope import RotaryEmbedding
+
+    calls = []
+    orig = RotaryEmbedding.rotation_tables
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    m = _m()
+    x = torch.randint(0, 97, (1, 6))
+    ref = m(x).logits
+    monkeypatch.setattr(RotaryEmbedding, "rotation_tables", counting)
+    assert torch.equal(m(x).logits, ref)  # same numbers as the per-call tables
+    assert len(calls) == 1  # 2 layers x (q, k) share one table
+
+
+def test_last_only_logits_equal_the_last_row():
+    m = _m()
+    x = torch.randint(0, 97, (2, 6))
+    assert torch.allclose(m(x, last_only=True).logits, m(x).logits[:, -1:], atol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        m(x, targets_BT=x, last_only=True)

@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options of benchmarks/mole_decode.py (--quick, --json, --threads N, "
                         "--write-results, ...)")
     q.set_defaults(func=cmd_bench_mole_decode)
+    q = bsub.add_parser("generate", help="greedy generate tokens/s vs transformers (Llama, "
+                                         "Qwen2-MoE) with the same weights")
+    q.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="options of benchmarks/generate.py (--quick, --json, --models, "
+                        "--batches, --dtypes, --write-results, ...)")
+    q.set_defaults(func=cmd_bench_generate)
 
     q = bsub.add_parser("data-prepare", help="prepare throughput and peak memory vs corpus size, "
                                              "against in-memory encode_batch")
@@ -596,6 +602,12 @@ def cmd_bench_data_prepare(args) -> int:
 
 def cmd_bench_mole_decode(args) -> int:
     from moelab.export.mole_bench import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def cmd_bench_generate(args) -> int:
+    from moelab.eval.generate_bench import main as bench_main
 
     return bench_main(args.rest) or 0
 

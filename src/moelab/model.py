@@ -68,14 +68,23 @@ class MoELM(nn.Module):
             with torch.no_grad():
                 self.embed.weight[cfg.pad_token_id].zero_()
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.schedule))
+    def new_cache(self, capacity: Optional[int] = None) -> KVCache:
+        """An empty cache; `capacity` positions (prompt + new tokens) are preallocated."""
+        return KVCache(len(self.schedule), capacity)
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, diagnostics: bool = False) -> ModelOutput:
+                cache: Optional[KVCache] = None, diagnostics: bool = False,
+                stats: Optional[bool] = None, last_only: bool = False) -> ModelOutput:
+        """`stats`: compute balance losses (`aux_loss`) and routing metrics; default: in
+        training mode only (evaluation and `report` ask for them with stats=True).
+        `last_only`: logits of the last position only, (B, 1, V) (generation's prefill)."""
+        if last_only and targets_BT is not None:
+            raise ValueError("last_only=True computes one position's logits; the loss over "
+                             "targets_BT needs all of them")
         past = cache.seq_len if cache is not None else 0
         x_BTD = self.embed(idx_BT)
-        ctx = ForwardContext(token_emb_BTD=x_BTD, diagnostics=diagnostics)
+        ctx = ForwardContext(token_emb_BTD=x_BTD, diagnostics=diagnostics,
+                             stats=self.training if stats is None else stats)
         for pos, layer_id in enumerate(self.schedule):
             ctx.position = pos
             layer_cache = cache.layers[pos] if cache is not None else None
@@ -85,6 +94,8 @@ class MoELM(nn.Module):
         finish_entropy_losses(ctx)
         if cache is not None:
             cache.seq_len += idx_BT.shape[1]
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
         logits_BTV = self.head(self.norm(x_BTD))
         out = ModelOutput(logits=logits_BTV, aux_losses=ctx.aux_losses, metrics=ctx.metrics,
                           cache=cache)
@@ -109,22 +120,27 @@ class MoELM(nn.Module):
                               "(batch, tokens) with at least one token")
         was_training = self.training
         self.eval()
-        cache = self.new_cache() if use_cache else None
-        out_BT = idx_BT
+        T0 = idx_BT.shape[1]
+        cache = self.new_cache(T0 + max_new_tokens) if use_cache else None
+        out_BT = idx_BT.new_empty(idx_BT.shape[0], T0 + max_new_tokens)
+        out_BT[:, :T0] = idx_BT
+        n = T0
         step_in = idx_BT
         done_B = torch.zeros(idx_BT.shape[0], dtype=torch.bool, device=idx_BT.device)
         for _ in range(max_new_tokens):
-            logits_BV = self(step_in if use_cache else out_BT, cache=cache).logits[:, -1].float()
+            logits_BV = self(step_in if use_cache else out_BT[:, :n], cache=cache,
+                             last_only=True).logits[:, -1].float()
             next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_B = torch.where(done_B, torch.full_like(next_B, eos_id), next_B)
                 done_B |= next_B == eos_id
-            out_BT = torch.cat([out_BT, next_B[:, None]], dim=1)
-            step_in = next_B[:, None]
+            out_BT[:, n] = next_B
+            n += 1
+            step_in = out_BT[:, n - 1:n]
             if eos_id is not None and bool(done_B.all()):
                 break
         self.train(was_training)
-        return out_BT
+        return out_BT[:, :n]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -34,3 +34,11 @@ def test_rows_carry_model_flops_and_mfu(monkeypatch):
     assert r["mfu"] > 0 and r["mfu"] == pytest.approx(r["model_tflops"] / r["peak_tflops"])
     table = tt.table(rows)
     assert "| MFU |" in table and f"{100 * r['mfu']:.1f}%" in table
+
+
+def test_compile_table_pairs_eager_and_compiled_rows():
+    tt = _load()
+    rows = [{"preset": "dense-tiny", "dtype": "float32", "compiled": c, "step_ms": ms,
+             "tokens_per_s": 2048 / ms * 1e3} for c, ms in ((False, 100.0), (True, 80.0))]
+    table = tt.compile_table(rows)
+    assert "| dense-tiny | float32 | 100.0 | 80.0 |" in table and "1.25x" in table

@@ -94,7 +94,7 @@ def test_tiny_preset_macs_match_flop_counter():
 
 def test_balance_loss_and_metrics_per_layer():
     m = sharpened_model(*MOA)
-    out = m(torch.randint(0, 97, (2, 9)))
+    out = m(torch.randint(0, 97, (2, 9)), stats=True)  # eval mode: asked for
     assert sorted(out.aux_losses) == ["layer0.attn_router.seq", "layer1.attn_router.seq"]
     assert out.metrics["layer0.attn_router.load"].shape == (6,)
 

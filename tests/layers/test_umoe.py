@@ -212,7 +212,7 @@ def test_checkpoint_round_trip_keeps_the_bank_shared(tmp_path):
 
 
 def test_balance_losses_one_per_router():
-    out = sharpened_model(*U)(torch.randint(0, 97, (2, 9)))
+    out = sharpened_model(*U)(torch.randint(0, 97, (2, 9)), stats=True)
     assert sorted(out.aux_losses) == [f"layer{i}.{r}_router.seq" for i in (0, 1)
                                       for r in ("attn", "ffn")]
 

@@ -30,10 +30,21 @@ def test_unknown_backend_names_value_and_choices():
 def test_auto_picks_a_working_backend_on_cpu(dtype, T, want):
     # (E=16 experts: enough for `padded` to pay at small batches; see the next test for few)
     E, d, h, k = 16, 64, 32, 2
-    x = torch.randn(T, d, dtype=dtype)
-    w = torch.randn(E, d, h, dtype=dtype)
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)  # training: a backward follows
+    w = torch.randn(E, d, h, dtype=dtype, requires_grad=True)
     name = resolve_backend("auto", x, w, T * k, E)
     assert name == choose_backend(x, w, T * k, E) == want
+
+
+@pytest.mark.parametrize("dtype,T,want", [
+    (torch.float32, 1, "loop"), (torch.float32, 8, "grouped_mm"), (torch.float32, 64, "grouped_mm"),
+    (torch.float32, 128, "padded"), (torch.bfloat16, 8, "padded")])
+def test_auto_at_inference_uses_the_decode_measurements(dtype, T, want):
+    E, d, h, k = 16, 64, 32, 2
+    x = torch.randn(T, d, dtype=dtype)
+    w = torch.randn(E, d, h, dtype=dtype, requires_grad=True)
+    with torch.no_grad():  # parameters that want grad, but no graph: inference
+        assert choose_backend(x, w, T * k, E) == want
 
 
 def test_auto_with_few_experts_skips_padded():

@@ -323,7 +323,7 @@ def routing_stats(run_dir: Path, n_batches: int = 4, device: str = "cpu") -> dic
     model.eval()
     with torch.no_grad():
         for x_BT, _ in loader.eval_batches(n_batches):
-            for k, v in model(x_BT.to(device)).metrics.items():
+            for k, v in model(x_BT.to(device), stats=True).metrics.items():
                 if k.endswith(".load"):
                     loads.setdefault(k, []).append(v.float())
     if not loads:

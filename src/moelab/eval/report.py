@@ -92,7 +92,7 @@ def heldout_analysis(model, windows_NT1: torch.Tensor, batch_size: int = 8) -> d
     model.eval()
     for lo in range(0, windows_NT1.shape[0], batch_size):
         w_BT1 = windows_NT1[lo:lo + batch_size].to(device)
-        out = model(w_BT1[:, :-1], w_BT1[:, 1:], diagnostics=True)
+        out = model(w_BT1[:, :-1], w_BT1[:, 1:], diagnostics=True, stats=True)
         losses.append(float(out.loss) * w_BT1.shape[0])
         for key, v in out.metrics.items():
             m = ROUTER_METRIC_RE.match(key)

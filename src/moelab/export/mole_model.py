@@ -263,9 +263,11 @@ class MoLELookupLM(MoELM):
         for block in self.layers:
             block.ffn.source = tables
 
-    def forward(self, idx_BT, targets_BT=None, cache=None, diagnostics=False):
+    def forward(self, idx_BT, targets_BT=None, cache=None, diagnostics=False, stats=None,
+                last_only=False):
         with self.tables.fetch(idx_BT):
-            return super().forward(idx_BT, targets_BT, cache=cache, diagnostics=diagnostics)
+            return super().forward(idx_BT, targets_BT, cache=cache, diagnostics=diagnostics,
+                                   stats=stats, last_only=last_only)
 
 
 def load_converted(path: str | Path, storage: str = "auto", device: str | torch.device = "cpu",

@@ -93,8 +93,8 @@ class DenseAttention(nn.Module):
         q_BTHD, g = self.gate.split(self.q_proj(xn_BTD))
         k_BTKD = self.k_proj(xn_BTD).view(B, T, self.n_kv, self.head_dim)
         v_BTKD = self.gate.on_value(self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim), g)
-        q_BHTD = self.rope(self.q_norm(q_BTHD).transpose(1, 2), past)
-        k_BKTD = self.rope(self.k_norm(k_BTKD).transpose(1, 2), past)
+        q_BHTD = self.rope(self.q_norm(q_BTHD).transpose(1, 2), past, ctx.rope)
+        k_BKTD = self.rope(self.k_norm(k_BTKD).transpose(1, 2), past, ctx.rope)
         v_BKTD = v_BTKD.transpose(1, 2)
         if cache is not None:
             kv = cache.update(k=k_BKTD, v=v_BKTD)

@@ -92,7 +92,7 @@ class HeadwiseRouter(nn.Module):
         add_balance_losses(self.loss_view, per_head, ctx)
         offset_H1 = torch.arange(H, device=idx_BTHK.device)[:, None] * Ea
         r.record_load(idx_BTHK + offset_H1)  # loads over all H * Ea experts (balance bias)
-        if r.bias_rate:
+        if r.bias_rate and ctx.stats:
             ctx.add_metric(f"{self.loss_view.name}.bias", r.balance_bias_E.clone())
         return idx_BTHK + offset_H1, w_BTHK
 

@@ -18,7 +18,8 @@ from moelab.ops.activations import check_activation
 from moelab.ops.backends import check_backend
 from moelab.ops.expert_ffn import expert_ffn, expert_ffn_sorted
 from moelab.ops.expert_parallel import ExpertPlacement, dispatched_expert_ffn_sorted
-from moelab.ops.plan import RoutingPlan
+from moelab.ops.gathered import gathered_expert_ffn, use_gathered
+from moelab.ops.plan import RoutingPlan, build_plan
 from moelab.ops.routed import combine
 
 
@@ -97,6 +98,20 @@ class ExpertBank(nn.Module):
             y_TD = expert_ffn(x_TD, self.w1_EDH, self.w2_EHD, plan, weights_TK,
                               self.activation, self.w3_EDH, backend=self.backend)
         return y_TD.view(x.shape)
+
+    def route(self, x: torch.Tensor, expert_idx_TK: torch.Tensor,
+              weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` from the router's (T, k) expert ids: builds the plan, or at decode sizes
+        (backend `auto`, no gradient wanted) takes the plan-free gathered path of
+        moelab/ops/gathered.py."""
+        x_TD = x.reshape(-1, self.d_model)
+        if (self.backend == "auto" and self.placement is None
+                and x_TD.shape[0] == expert_idx_TK.shape[0]
+                and use_gathered(x_TD, expert_idx_TK.numel(), self.n_experts, self.w1_EDH,
+                                 self.w2_EHD, self.w3_EDH)):
+            return gathered_expert_ffn(x_TD, self.w1_EDH, self.w2_EHD, expert_idx_TK,
+                                       weights_TK, self.activation, self.w3_EDH).view(x.shape)
+        return self(x, build_plan(expert_idx_TK, self.n_experts), weights_TK)
 
     def forward_sorted(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Every (token, slot) expert output, (T*k, d) in the plan's sorted order, not combined.

@@ -82,9 +82,10 @@ class MixtureOfAttentionHeads(nn.Module):
         if ns:  # shared head first (head 0), then the k routed heads
             q_NKD = torch.cat([self.q_shared(xn_ND)[:, None], q_NKD], dim=1)
         J = ns + k
-        q_BJTD = self.rope(self.q_norm(q_NKD.view(B, T, J, self.dk)).transpose(1, 2), past)
+        q_BJTD = self.rope(self.q_norm(q_NKD.view(B, T, J, self.dk)).transpose(1, 2), past,
+                           ctx.rope)
         k_B1TD = self.rope(self.k_norm(self.k_proj(xn_BTD).view(B, T, 1, self.dk)).transpose(1, 2),
-                           past)
+                           past, ctx.rope)
         v_B1TV = self.v_proj(x_BTD).view(B, 1, T, self.dv)
         if cache is not None:
             kv = cache.update(k=k_B1TD, v=v_B1TV)

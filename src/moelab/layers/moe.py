@@ -67,11 +67,15 @@ class MoEFFN(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, D = x_BTD.shape
         r = self.router(self.router_norm(x_BTD), ctx)
-        plan = build_plan(r.idx_BTK.reshape(B * T, -1), self.n_experts)
+        idx_TK = r.idx_BTK.reshape(B * T, -1)
         w_TK = r.weights_BTK.reshape(B * T, -1).to(x_BTD.dtype)
         if self.training and self.capacity_factor:
+            plan = build_plan(idx_TK, self.n_experts)
             w_TK = w_TK * self._within_capacity(plan, r.weights_BTK, ctx)
-        y_BTD = self.experts(x_BTD.reshape(B * T, D), plan, w_TK).view(B, T, D)
+            y_TD = self.experts(x_BTD.reshape(B * T, D), plan, w_TK)
+        else:  # the bank builds the plan (or skips it at decode sizes)
+            y_TD = self.experts.route(x_BTD.reshape(B * T, D), idx_TK, w_TK)
+        y_BTD = y_TD.view(B, T, D)
         if self.shared is not None:
             s_BTD = self.shared(x_BTD, ctx)
             if self.shared_gate is not None:

@@ -1,6 +1,7 @@
 """Rotary position embedding with a rotated fraction and a position offset (= cached length)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -23,6 +24,8 @@ class RotaryEmbedding(nn.Module):
         rot = int(head_dim * fraction) // 2 * 2
         self.rot_dim, self.theta = rot, theta
         self.scaling = scaling if scaling is not None and scaling.kind != "none" else None
+        # what tells two layers' tables apart in the forward pass's memo
+        self.table_key = (rot, theta, dataclasses.astuple(self.scaling) if self.scaling else None)
         # Frequencies are computed per call in the working dtype rather than kept as a buffer,
         # which `model.to(torch.bfloat16)` would round to a few significant bits.
 
@@ -36,17 +39,35 @@ class RotaryEmbedding(nn.Module):
         emb_TR = torch.cat([freqs_TR, freqs_TR], dim=-1)
         return emb_TR.cos(), emb_TR.sin()
 
-    def forward(self, x_BHTD: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def rotation_tables(self, T: int, offset: int, device, dtype=torch.float32):
+        """(cos, signed sin), each (T, rot): rotate_half(x) * sin = roll(x, rot/2) * signed sin
+        with the first half of sin negated, which saves the chunk/neg/cat of rotate-half."""
+        cos, sin = self.cos_sin(T, offset, device, dtype)
+        half = self.rot_dim // 2
+        return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+
+    def forward(self, x_BHTD: torch.Tensor, offset: int = 0,
+                tables: dict | None = None) -> torch.Tensor:
+        """`tables`: the forward pass's memo (`ForwardContext.rope`), so q and k of every layer
+        share one cos/sin computation per pass instead of one each."""
         if self.rot_dim == 0:
             return x_BHTD
         # at least float32 (bf16 angles lose whole positions), float64 stays float64
         dtype = torch.promote_types(x_BHTD.dtype, torch.float32)
-        cos, sin = self.cos_sin(x_BHTD.shape[-2], offset, x_BHTD.device, dtype)
-        x_rot, x_pass = x_BHTD[..., : self.rot_dim], x_BHTD[..., self.rot_dim:]
-        x1, x2 = x_rot.to(dtype).chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        out = x_rot.to(dtype) * cos + rotated * sin
-        return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
+        T = x_BHTD.shape[-2]
+        key = (*self.table_key, T, offset, dtype, x_BHTD.device)
+        if tables is None or key not in tables:
+            cs = self.rotation_tables(T, offset, x_BHTD.device, dtype)
+            if tables is None:
+                tables = {}
+            tables[key] = cs
+        cos, sin_signed = tables[key]
+        full = self.rot_dim == x_BHTD.shape[-1]
+        x_rot = (x_BHTD if full else x_BHTD[..., : self.rot_dim]).to(dtype)
+        # x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) (RoFormer eq. 34, half layout)
+        out = torch.addcmul(x_rot * cos, x_rot.roll(self.rot_dim // 2, dims=-1), sin_signed)
+        out = out.to(x_BHTD.dtype)
+        return out if full else torch.cat([out, x_BHTD[..., self.rot_dim:]], dim=-1)
 
 
 def scale_frequencies(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:

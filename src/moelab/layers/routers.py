@@ -103,7 +103,7 @@ class Router(nn.Module):
         self.record_load(idx_BTK)
         routing = Routing(idx_BTK, w_BTK, logits_BTE)
         add_balance_losses(self, routing, ctx)
-        if self.bias_rate:
+        if self.bias_rate and ctx.stats:
             ctx.add_metric(f"{self.name}.bias", self.balance_bias_E.clone())
         return routing
 
@@ -194,6 +194,8 @@ def negative_marginal_entropy(logits_list: list[torch.Tensor]) -> torch.Tensor:
 
 
 def add_balance_losses(router: Router, r: Routing, ctx: ForwardContext) -> None:
+    if not ctx.stats:  # generation / plain evaluation: nobody reads them
+        return
     cfg, E, name = router.cfg, router.n_experts, router.name
     if cfg.switch_coef:
         ctx.add_aux(f"{name}.switch", cfg.switch_coef * switch_loss(r.logits_BTE, r.idx_BTK, E))

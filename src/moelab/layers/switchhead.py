@@ -86,9 +86,9 @@ class SwitchHeadAttention(nn.Module):
         xn_BTD = self.in_norm(x_BTD)
         s = dh ** -0.25  # MoEUT: q and k each scaled by d_h^-1/4, SDPA scale 1
         q_BHTD = self.rope(self.q_norm(self.q_proj(xn_BTD).view(B, T, H, dh)).transpose(1, 2),
-                           past) * s
+                           past, ctx.rope) * s
         k_BHTD = self.rope(self.k_norm(self.k_proj(xn_BTD).view(B, T, H, dh)).transpose(1, 2),
-                           past) * s
+                           past, ctx.rope) * s
         v_BHTV = self._values(x_BTD, xn_BTD, ctx).transpose(1, 2)
         if cache is not None:
             kv = cache.update(k=k_BHTD, v=v_BHTV)
@@ -112,8 +112,10 @@ class SwitchHeadAttention(nn.Module):
         plan = build_plan(idx_BTHK.reshape(B * T, J), self.H * self.Ea)
         y_SV = routed_matmul(x_BTD.reshape(B * T, D), self.w_v_EDV, plan, gather=True,
                              backend=self.backend)
-        y_TJV = plan.unsort_pairs(y_SV) * w_BTHK.reshape(B * T, J, 1).to(y_SV.dtype)
-        return y_TJV.view(B, T, self.H, self.top_k, self.dv).sum(3)
+        # each (token, head) sums its own k experts: one weighted gather-sum (embedding_bag)
+        head_plan = plan.regrouped(self.top_k)
+        w_NK = w_BTHK.reshape(B * T * self.H, self.top_k).to(y_SV.dtype)
+        return combine(y_SV, head_plan, w_NK).view(B, T, self.H, self.dv)
 
     def _outputs(self, o_BTHV, xn_BTD, ctx) -> torch.Tensor:
         """y = sum_h sum_e s^o_{h,e} o_h W_o[h, e], (B, T, d)."""

@@ -123,9 +123,10 @@ class PreMixingAttention(nn.Module):
         if ns:
             q_NKD = torch.cat([self.q_shared(un_ND)[:, None], q_NKD], dim=1)
         J = ns + k
-        q_BJTD = self.rope(self.q_norm(q_NKD.reshape(B, T, J, self.dk)).transpose(1, 2), past)
+        q_BJTD = self.rope(self.q_norm(q_NKD.reshape(B, T, J, self.dk)).transpose(1, 2), past,
+                           ctx.rope)
         k_B1TD = self.rope(self.k_norm(self.k_proj(un_BTD).view(B, T, 1, self.dk)).transpose(1, 2),
-                           past)
+                           past, ctx.rope)
         u_B1TD = x_BTD.view(B, 1, T, D)  # the values are the hidden states themselves
         if cache is not None:  # d_k + d values per token
             kv = cache.update(k=k_B1TD, u=u_B1TD)

@@ -42,6 +42,11 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PADDED_MAX_PAIRS_PER_EXPERT = {torch.float32: 32, torch.bfloat16: 128, torch.float16: 128}
 # With few experts the loop's per-expert overhead is small and `padded` gained nothing (E=8).
 PADDED_MIN_EXPERTS = 16
+# Inference (no gradient) at decode sizes, one thread (benchmarks/moe_decode.py, docs/engine.md):
+# in float32 `grouped_mm` beat loop, padded and scatter from 1 up to 8 pairs per expert at every
+# measured shape (E 16-64, d 192-512); in bf16 `padded` stayed ahead, as above. Below the
+# gathered path's limits an ExpertBank skips the plan altogether (moelab/ops/gathered.py).
+INFER_GROUPED_MAX_PAIRS_PER_EXPERT = 8
 
 
 def check_backend(name: str) -> str:
@@ -94,6 +99,11 @@ def choose_backend(x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int, n_experts
         if grouped_mm_supported(x, w_EIO):
             return "grouped_mm"
         return "padded" if small else "loop"
+    inference = not (torch.is_grad_enabled() and (x.requires_grad or w_EIO.requires_grad))
+    if (inference and x.dtype == torch.float32
+            and 1 <= per_expert <= INFER_GROUPED_MAX_PAIRS_PER_EXPERT
+            and grouped_mm_supported(x, w_EIO)):
+        return "grouped_mm"
     if per_expert < 1:
         return "loop"
     return "padded" if small and n_experts >= PADDED_MIN_EXPERTS else "scatter"

@@ -125,6 +125,17 @@ class RoutingPlan:
             self._offsets_i32 = self.offsets_E1[1:].to(torch.int32)
         return self._offsets_i32
 
+    def regrouped(self, k: int) -> "RoutingPlan":
+        """The same sorted pairs seen as groups of k consecutive slots: each token's top_k
+        slots split into top_k / k groups (SwitchHead: one group of k experts per head), so
+        `combine` sums each group, (n_tokens * top_k / k, O). Shares every tensor but rows_S."""
+        if self.top_k % k:
+            raise ValueError(f"cannot split {self.top_k} slots per token into groups of {k}")
+        return RoutingPlan(self.n_experts, self.n_tokens * (self.top_k // k), k, self.order_S,
+                           torch.div(self.order_S, k, rounding_mode="floor") if k > 1
+                           else self.order_S, self.inverse_S, self.expert_S, self.offsets_E1,
+                           _counts=self._counts)
+
     def sort_pairs(self, v_TK: torch.Tensor) -> torch.Tensor:
         """Reorder a per-pair tensor (T, k, ...) into sorted order (S, ...). Differentiable."""
         return v_TK.reshape(self.n_pairs, *v_TK.shape[2:]).index_select(0, self.order_S)

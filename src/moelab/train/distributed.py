@@ -300,7 +300,7 @@ class GlobalRouting:
 
     def _router_hook(self, router, args, kwargs, out) -> None:
         ctx = _context(args, kwargs)
-        if ctx is None:
+        if ctx is None or not ctx.stats:  # the same on every rank: no collective is skipped
             return
         E = router.n_experts
         counts_E = torch.bincount(out.idx_BTK.reshape(-1), minlength=E).float()
@@ -311,7 +311,7 @@ class GlobalRouting:
         """SwitchHead: H routers of Ea experts whose losses treat each (sequence, head) as a
         sequence over Ea experts; its output holds global ids h*Ea + e, not logits."""
         ctx = _context(args, kwargs)
-        if ctx is None:
+        if ctx is None or not ctx.stats:  # the same on every rank: no collective is skipped
             return
         Ea, cfg = hr.n_experts, hr.loss_view.cfg
         counts_E = torch.bincount((out[0] % Ea).reshape(-1), minlength=Ea).float()

@@ -265,7 +265,7 @@ def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress
         pending = logger
         logger = MetricsLogger(run_dir, start if resume_ckpt is not None else None, tensorboard)
         pending.replay(logger)
-    fwd = torch.compile(wrapped) if tc.compile else wrapped
+    fwd = compile_model(wrapped) if tc.compile else wrapped
     bar = Progress(n_total, start, progress and env.is_main, cfg.name)
     rows = tc.batch_size // tc.grad_accum // env.world_size  # rows of one micro-batch, per rank
     dist_arg = env if env.active else None
@@ -406,3 +406,18 @@ def _non_finite_error(run_dir: Path, step: int, stats: dict) -> TrainingError:
         good = "no checkpoint was written before it (try a lower --set train.lr=...)"
     return TrainingError(f"loss became non-finite at step {step} (loss {stats.get('loss')}, "
                          f"grad_norm {stats.get('grad_norm')}); training stopped, {good}")
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """`torch.compile` for `train.compile`; fullgraph=True where nothing breaks the graph: a
+    model without routers in one process (dense and gated attention: one graph, checked by
+    tests/train/test_compile.py). The routed engine reads host-side expert counts (`tolist`,
+    `item`) to size its matmuls, so routed models compile with graph breaks around it, and a
+    DDP/FSDP wrapper splits the graph at its buckets."""
+    from moelab.layers.routers import Router
+    from moelab.model import MoELM
+
+    routed = any(isinstance(m, Router) for m in model.modules())
+    single = type(model) is MoELM  # not DDP, not an FSDP2 subclass
+    return torch.compile(model, fullgraph=single and not routed, backend=backend)
+

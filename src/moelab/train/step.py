@@ -178,7 +178,7 @@ def evaluate_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torc
                 x_bT = x_BT[lo:lo + rows].to(device, non_blocking=True)
                 y_bT = y_BT[lo:lo + rows].to(device, non_blocking=True)
                 with precision.autocast():
-                    out = model(x_bT, y_bT)
+                    out = model(x_bT, y_bT, stats=True)  # the expert loads are logged
                 losses.append(out.loss.float())
                 for name, v in out.metrics.items():
                     if v.numel() > 1:
