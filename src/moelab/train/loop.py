@@ -118,14 +118,17 @@ class RunDirGuard:
     def __init__(self, out_dir, env: ddist.DistEnv):
         self.run_dir = Path(out_dir).expanduser()
         self.active = env.is_main and os.environ.get(LOCK_HELD_ENV) != str(self.run_dir.resolve())
-        self.created = False
+        self.created: Path | None = None  # the top folder this command created
         self.lock = RunLock(self.run_dir)
 
     def __enter__(self) -> "RunDirGuard":
         if not self.active:
             return self
         check_writable(self.run_dir, "--out")
-        self.created = not self.run_dir.exists()
+        top = self.run_dir.absolute()
+        while not top.parent.exists():  # the highest folder this command is about to create
+            top = top.parent
+        self.created = None if self.run_dir.exists() else top
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.lock.acquire()
@@ -147,8 +150,8 @@ class RunDirGuard:
             self._undo()
 
     def _undo(self) -> None:
-        if self.created:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 def _train(cfg: Config, data_dir, out_dir, steps, tokens, resume: bool, progress: bool,
