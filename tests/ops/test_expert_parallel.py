@@ -4,6 +4,7 @@ rank's rows contribute (float64, random routing with empty experts and uneven tr
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import pytest
@@ -65,6 +66,10 @@ def _worker(rank: int, store_path: str, backend: str, gated: bool, sorted_out: b
     store.add("torn_down", 1)
     while store.add("torn_down", 0) < WORLD:
         time.sleep(0.01)
+    # Everything is checked and torn down: leave without running C++ static destructors, where
+    # a gloo thread still joinable aborted the process (SIGABRT) in about 1 of 4 runs under load
+    # even with the count above.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("backend,gated,sorted_out", [("scatter", False, False),
