@@ -57,10 +57,11 @@ def test_missing_data_dir(tmp_path, capsys):
 def test_truncated_shard(tiny_data, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    shard = data / "train.bin"
+    name = json.loads((data / "meta.json").read_text())["files"]["train"][0]
+    shard = data / name
     shard.write_bytes(shard.read_bytes()[:-100])
     rc, _, err = train_cli(capsys, data, tmp_path / "run", "--steps", 2)
-    assert_one_error(rc, err, "train.bin", "truncated")
+    assert_one_error(rc, err, name, "truncated")
 
 
 def test_tokenizer_vocab_larger_than_model(tiny_data, tmp_path, capsys):
