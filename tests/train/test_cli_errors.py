@@ -57,7 +57,7 @@ def test_missing_data_dir(tmp_path, capsys):
 def test_truncated_shard(tiny_data, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    name = json.loads((data / "meta.json").read_text())["shards"]["train"][0]["file"]
+    name = json.loads((data / "meta.json").read_text())["files"]["train"][0]
     shard = data / name
     shard.write_bytes(shard.read_bytes()[:-100])
     rc, _, err = train_cli(capsys, data, tmp_path / "run", "--steps", 2)

@@ -202,14 +202,19 @@ def verdicts(result: dict) -> list[str]:
         out.append(f"characters per CPU second / in-memory encode_batch's: {min(eff):.2f}-"
                    f"{max(eff):.2f}x (the pipeline's own cost, whatever the machine's load)")
     for r in rows:
-        out.append(f"per GB of text at {r['gb']} GB: {1e9 / r['chars_per_s'] / 60:.1f} min with "
-                   f"{r['workers']} workers, {r['tokens'] * 2 / r['chars'] * 1e3:.0f} MB of uint16 "
-                   "shards")
+        cpu_min = f", {1e9 / r['chars_per_cpu_s'] / 60:.1f} CPU-minutes" \
+            if "chars_per_cpu_s" in r else ""
+        out.append(f"per GB of text at {r['gb']} GB: {1e9 / r['chars_per_s'] / 60:.1f} min wall "
+                   f"with {r['workers']} workers{cpu_min}, "
+                   f"{r['tokens'] * 2 / r['chars'] * 1e3:.0f} MB of uint16 shards")
     first = rows[0]
     if "one_worker" in first:
         out.append(f"{result['workers']} workers / 1 worker at {first['gb']} GB: "
                    f"{first['chars_per_s'] / first['one_worker']['chars_per_s']:.2f}x "
-                   "(target >= 1.7x with 2)")
+                   "(target >= 1.7x with 2)"
+                   + (f"; cores actually used: {first['cpu_seconds'] / first['seconds']:.2f} vs "
+                      f"{first['one_worker']['cpu_seconds'] / first['one_worker']['seconds']:.2f}"
+                      if "cpu_seconds" in first else ""))
     return out
 
 
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="render the result a previous `--json` run printed (no measuring); "
                         "with --write-results give that run's command as --command")
     p.add_argument("--command", default=None, help="the command recorded in RESULTS.md")
+    p.add_argument("--note", default=None, help="a paragraph added to the RESULTS.md section")
     args = p.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
@@ -249,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results:
         command = args.command or "moelab bench data-prepare " + " ".join(
             argv if argv is not None else sys.argv[1:])
-        write_section("data_prepare", results_section(result, command.strip()),
+        write_section("data_prepare", results_section(result, command.strip(), args.note),
                       args.results_file)
     return 0
 
 
-def results_section(result: dict, command: str) -> str:
+def results_section(result: dict, command: str, note: str | None = None) -> str:
     return "\n".join([
         "## Data prepare: streaming, parallel, sharded (`moelab bench data-prepare`)",
         "",
@@ -272,4 +278,5 @@ def results_section(result: dict, command: str) -> str:
         markdown(result),
         "",
         *[f"- {v}" for v in verdicts(result)],
+        *(["", note] if note else []),
     ])
