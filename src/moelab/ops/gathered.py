@@ -20,10 +20,10 @@ import torch
 from moelab.ops.activations import act_forward
 from moelab.ops.workspace import scratch
 
-# Measured with one thread at decode sizes (benchmarks/moe_decode.py, docs/engine.md): the
-# gathered bmm beat every plan-based backend up to one pair per expert in float32 and two in
-# 16-bit, while the gathered copy stayed under a few MiB; past 8 MiB it lost to grouped_mm or
-# padded at d=512.
+# Measured with one thread at decode sizes (benchmarks/moe_decode.py, section moe_decode of
+# benchmarks/RESULTS.md, a loaded machine): up to one pair per expert in float32 and two in
+# bf16, with the copy under 8 MiB, the gathered bmm was the fastest or level with it in most
+# rows; beyond that (more pairs, or d=512 experts at batch 8) it fell far behind.
 GATHERED_MAX_PAIRS_PER_EXPERT = {torch.float32: 1.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 GATHERED_MAX_BYTES = 8 << 20
 
