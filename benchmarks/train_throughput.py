@@ -53,6 +53,7 @@ def make_step(preset: str, dtype: str, device: torch.device, sets: tuple[str, ..
     from moelab.config import load_preset
     from moelab.flops import count
     from moelab.model import MoELM
+    from moelab.train.loop import compile_model
     from moelab.train.optim import build_optimizer
     from moelab.train.step import Precision, train_step
 
@@ -61,7 +62,7 @@ def make_step(preset: str, dtype: str, device: torch.device, sets: tuple[str, ..
     torch.manual_seed(0)
     model = MoELM(cfg.model).to(device)
     optimizer = build_optimizer(model, tc)
-    fwd_model = torch.compile(model) if compile else model
+    fwd_model = compile_model(model) if compile else model  # what train.compile does
     precision = Precision.from_config(dtype, device)
     scaler = precision.grad_scaler()
     g = torch.Generator().manual_seed(0)

@@ -121,8 +121,8 @@ class MoELM(nn.Module):
         was_training = self.training
         self.eval()
         T0 = idx_BT.shape[1]
-        cache = self.new_cache(T0 + max_new_tokens) if use_cache else None
-        out_BT = idx_BT.new_empty(idx_BT.shape[0], T0 + max_new_tokens)
+        cache = self.new_cache(T0 + max(max_new_tokens, 0)) if use_cache else None
+        out_BT = idx_BT.new_empty(idx_BT.shape[0], T0 + max(max_new_tokens, 0))
         out_BT[:, :T0] = idx_BT
         n = T0
         step_in = idx_BT

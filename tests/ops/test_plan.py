@@ -92,3 +92,22 @@ def test_within_capacity_matches_a_walk_over_the_pairs(capacity, by_priority):
     assert torch.equal(got, _capacity_by_hand(idx, E, capacity, priority))
     counts = torch.bincount(idx[got], minlength=E)
     assert int(counts.max()) <= capacity
+
+
+def test_regrouped_plan_combines_each_group_of_slots():
+    from moelab.ops import combine
+
+    torch.manual_seed(0)
+    T, H, k, E = 5, 3, 2, 7
+    idx = torch.randint(0, E, (T, H * k))
+    plan = build_plan(idx, E)
+    y_S = torch.randn(plan.n_pairs, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, H * k, dtype=torch.float64, requires_grad=True)
+    got = combine(y_S, plan.regrouped(k), w.reshape(T * H, k))
+    want = (plan.unsort_pairs(y_S) * w[..., None]).view(T, H, k, 4).sum(2).reshape(T * H, 4)
+    assert torch.allclose(got, want)
+    g = torch.randn_like(got)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad((got * g).sum(), (y_S, w)),
+                                                    torch.autograd.grad((want * g).sum(), (y_S, w))))
+    with pytest.raises(ValueError, match="groups of 4"):
+        plan.regrouped(4)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 
 from moelab.ops.activations import act_forward
+from moelab.ops.workspace import scratch
 
-# Measured with one thread at decode sizes (benchmarks/moe_decode.py, docs/engine.md): the
-# gathered bmm beat every plan-based backend up to one pair per expert in float32 and two in
-# 16-bit, while the gathered copy stayed under a few MiB; past 8 MiB it lost to grouped_mm or
-# padded at d=512.
+# Measured with one thread at decode sizes (benchmarks/moe_decode.py, section moe_decode of
+# benchmarks/RESULTS.md, a loaded machine): up to one pair per expert in float32 and two in
+# bf16, with the copy under 8 MiB, the gathered bmm was the fastest or level with it in most
+# rows; beyond that (more pairs, or d=512 experts at batch 8) it fell far behind.
 GATHERED_MAX_PAIRS_PER_EXPERT = {torch.float32: 1.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 GATHERED_MAX_BYTES = 8 << 20
 
@@ -41,6 +42,17 @@ def use_gathered(x: torch.Tensor, n_pairs: int, n_experts: int, *weights) -> boo
     return n_pairs * per_pair <= GATHERED_MAX_BYTES
 
 
+def _gather(w_EIO: torch.Tensor, e_S: torch.Tensor, slot: str) -> torch.Tensor:
+    """w[e_S], (S, I, O). Outside autograd into a reused scratch buffer: a fresh multi-MiB
+    tensor per call is page-faulted in again every time (moelab/ops/workspace.py), which made
+    the same call range from 2 to 6 ms under load at batch 8 of moe-tiny."""
+    if torch.is_grad_enabled() and w_EIO.requires_grad:
+        return w_EIO.index_select(0, e_S)
+    E, I, O = w_EIO.shape
+    buf = scratch(e_S.numel(), I * O, w_EIO.dtype, w_EIO.device, slot).view(-1, I, O)
+    return torch.index_select(w_EIO, 0, e_S, out=buf)
+
+
 def gathered_expert_ffn(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.Tensor,
                         expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor | None = None,
                         activation: str = "silu",
@@ -50,10 +62,10 @@ def gathered_expert_ffn(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.
     e_S = expert_idx_TK.reshape(-1)
     x_S1D = (x_TD[:, None].expand(T, k, x_TD.shape[1]) if k > 1 else x_TD[:, None])
     x_S1D = x_S1D.reshape(T * k, 1, x_TD.shape[1])
-    h_S1H = act_forward(activation, torch.bmm(x_S1D, w1_EDH.index_select(0, e_S)))
+    h_S1H = act_forward(activation, torch.bmm(x_S1D, _gather(w1_EDH, e_S, "gathered_w1")))
     if w3_EDH is not None:
-        h_S1H = h_S1H * torch.bmm(x_S1D, w3_EDH.index_select(0, e_S))
-    y_TKD = torch.bmm(h_S1H, w2_EHD.index_select(0, e_S)).view(T, k, -1)
+        h_S1H = h_S1H * torch.bmm(x_S1D, _gather(w3_EDH, e_S, "gathered_w3"))
+    y_TKD = torch.bmm(h_S1H, _gather(w2_EHD, e_S, "gathered_w2")).view(T, k, -1)
     if weights_TK is None:
         return y_TKD.sum(1)
     # (T, 1, k) @ (T, k, d): the weighted sum over slots as one more bmm
