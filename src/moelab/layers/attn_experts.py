@@ -20,21 +20,18 @@ import torch.nn as nn
 from moelab.config import ModelConfig, RouterConfig
 from moelab.errors import ConfigError
 from moelab.layers.base import ForwardContext
-from moelab.layers.experts import ExpertBank
+from moelab.layers.experts import ExpertBank, check_expert_count
 from moelab.layers.routers import Routing, add_balance_losses, make_router
 
 BANK_KEY = "expert_bank"  # the key of UMoE's bank in a block's `shared` dict
 
 
-def check_attention_experts(cfg: ModelConfig, kind: str, min_experts: int = 1) -> None:
+def check_attention_experts(cfg: ModelConfig, kind: str) -> None:
     """Reject settings an attention-expert kind cannot honour, naming the field."""
     a, p = cfg.attention, "model.attention"
-    if a.n_experts < min_experts:
-        raise ConfigError(f"{p}.n_experts: {a.n_experts}; attention kind {kind!r} needs at least "
-                          f"{min_experts} expert(s)")
-    if a.n_experts > 1 and a.top_k < 1:
-        raise ConfigError(f"{p}.top_k: {a.top_k}; attention kind {kind!r} routes each token to "
-                          f"top_k >= 1 of its {a.n_experts} experts")
+    # a single expert is always chosen: top_k matters only with several
+    check_expert_count(p, f"attention kind {kind!r}", a.n_experts,
+                       a.top_k if a.n_experts > 1 else None)
     if a.bias:
         raise ConfigError(f"{p}.bias: true is not supported by attention kind {kind!r} (its "
                           "expert projections have no bias); set it to false")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from moelab.errors import ConfigError
 from moelab.layers.base import Counts
 from moelab.ops.activations import check_activation
 from moelab.ops.backends import check_backend
@@ -22,6 +23,18 @@ from moelab.ops.gathered import gathered_expert_ffn, use_gathered
 from moelab.ops.plan import RoutingPlan, build_plan
 from moelab.ops.routed import combine
 
+
+
+def check_expert_count(field: str, kind: str, n_experts: int, top_k: int | None = None) -> None:
+    """ConfigError unless a routed kind has experts and, when it chooses among them (`top_k`
+    not None), routes each token to at least one: the config-time check of every routed
+    attention and FFN kind (their `check_config`). `field`: e.g. "model.ffn"."""
+    if n_experts < 1:
+        raise ConfigError(f"{field}.n_experts: {n_experts}; {kind} needs at least one routed "
+                          "expert")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"{field}.top_k: {top_k}; {kind} routes each token to top_k >= 1 of "
+                          f"its {n_experts} experts (allowed: 1..{n_experts})")
 
 class ExpertBank(nn.Module):
     """FFN_e(x) = act(x W1_e) W2_e, or (act(x W1_e) * (x W3_e)) W2_e when gated.

@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from moelab.config import ModelConfig
-from moelab.errors import ConfigError
 from moelab.layers.base import Counts, ForwardContext, linear_counts, mark_residual_out
-from moelab.layers.experts import ExpertBank
+from moelab.layers.experts import ExpertBank, check_expert_count
 from moelab.layers.ffn import DenseFFN
 from moelab.layers.init import set_fan_in
 from moelab.layers.norms import make_norm
@@ -36,13 +35,7 @@ class MoEFFN(nn.Module):
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> None:
         f = cfg.ffn
-        if f.n_experts < 1:
-            raise ConfigError(f"model.ffn.n_experts: {f.n_experts}; ffn kind {f.kind!r} needs at "
-                              "least one routed expert")
-        if f.top_k < 1:
-            raise ConfigError(f"model.ffn.top_k: {f.top_k}; ffn kind {f.kind!r} routes each token "
-                              f"to top_k >= 1 of its {f.n_experts} experts "
-                              f"(allowed: 1..{f.n_experts})")
+        check_expert_count("model.ffn", f"ffn kind {f.kind!r}", f.n_experts, f.top_k)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, shared: dict | None = None,
                  bank: ExpertBank | None = None):

@@ -29,7 +29,7 @@ from moelab.config import ModelConfig
 from moelab.errors import ConfigError
 from moelab.layers.attention import norm_params
 from moelab.layers.base import Counts, ForwardContext, linear_counts, mark_residual_out
-from moelab.layers.experts import ExpertBank
+from moelab.layers.experts import ExpertBank, check_expert_count
 from moelab.layers.ffn import DenseFFN
 from moelab.layers.norms import make_norm
 from moelab.layers.routers import make_router
@@ -43,9 +43,7 @@ class _MoLEBase(nn.Module):
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> None:
         f = cfg.ffn
-        if f.n_experts < 1:
-            raise ConfigError(f"model.ffn.n_experts: {f.n_experts}; the {f.kind} FFN needs at "
-                              "least one routed expert")
+        check_expert_count("model.ffn", f"the {f.kind} FFN", f.n_experts)  # all N: no top-k
         if cfg.router.bias_rate:
             raise ConfigError(f"model.router.bias_rate: {cfg.router.bias_rate}, but the {f.kind} "
                               "FFN's router uses every expert: there is no choice to balance; "
