@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from moelab.data.tokenizer import split_for_encoding
+from moelab.data.tokenizer import split_documents
 
 GROUP_CHARS = 1 << 21  # 2 Mi characters: about a second of work for one core
 _SUB_BATCH = 64  # pieces of ~4 k characters per encode_batch call
@@ -57,12 +57,7 @@ def encode_group(texts: list[str], splits: list[str], tok=None, dtype=None
     """
     tok = tok if tok is not None else _WORKER["tok"]
     dtype = np.dtype(dtype if dtype is not None else _WORKER["dtype"])
-    pieces: list[str] = []
-    owners: list[int] = []
-    for i, text in enumerate(texts):
-        parts = split_for_encoding(text)
-        pieces.extend(parts)
-        owners.extend([i] * len(parts))
+    pieces, owners = split_documents(texts)
     eos = np.array([tok.eos_id], dtype=dtype)
     chunks: dict[str, list[np.ndarray]] = {s: [] for s in dict.fromkeys(splits)}
     limit = np.iinfo(dtype).max

@@ -65,12 +65,7 @@ class Tokenizer:
 
         The result is identical to `encode_batch(texts)` (see `split_for_encoding`).
         """
-        pieces: list[str] = []
-        owners: list[int] = []
-        for i, text in enumerate(texts):
-            parts = split_for_encoding(text)
-            pieces.extend(parts)
-            owners.extend([i] * len(parts))
+        pieces, owners = split_documents(texts)
         out: list[list[int]] = [[] for _ in texts]
         for owner, ids in zip(owners, self.encode_batch(pieces)):
             out[owner].extend(ids)
@@ -92,6 +87,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def split_documents(texts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Every document cut by `split_for_encoding`: the pieces in order, and for each piece the
+    index of the document it came from."""
+    pieces: list[str] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        parts = split_for_encoding(text)
+        pieces.extend(parts)
+        owners.extend([i] * len(parts))
+    return pieces, owners
 
 
 def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
