@@ -22,6 +22,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value by dotted key, e.g. model.d_model=256 (repeatable)")
 
 
+# `moelab bench NAME`: the module whose main(argv) runs it, its help, and its options' help
+BENCHMARKS = {
+    "moe-layer": ("moelab.ops.bench", "MoE FFN layer vs a dense FFN of equal FLOPs",
+                  "options of benchmarks/moe_layer.py"),
+    "mole-decode": ("moelab.export.mole_bench",
+                    "per-token decode latency: dense, MoE (RAM and offloaded), MoLE lookup "
+                    "tables (RAM and disk)",
+                    "options of benchmarks/mole_decode.py (--quick, --json, --threads N, "
+                    "--write-results, ...)"),
+    "generate": ("moelab.eval.generate_bench",
+                 "greedy generate tokens/s vs transformers (Llama, Qwen2-MoE) with the same "
+                 "weights",
+                 "options of benchmarks/generate.py (--quick, --json, --models, --batches, "
+                 "--dtypes, --write-results, ...)"),
+    "data-prepare": ("moelab.data.bench",
+                     "prepare throughput and peak memory vs corpus size, against in-memory "
+                     "encode_batch", "options of benchmarks/data_prepare.py (--sizes-gb, "
+                                     "--workers, ...)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -181,27 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    q = bsub.add_parser("moe-layer", help="MoE FFN layer vs a dense FFN of equal FLOPs")
-    q.add_argument("rest", nargs=argparse.REMAINDER, help="options of benchmarks/moe_layer.py")
-    q.set_defaults(func=cmd_bench_moe_layer)
-    q = bsub.add_parser("mole-decode", help="per-token decode latency: dense, MoE (RAM and "
-                                            "offloaded), MoLE lookup tables (RAM and disk)")
-    q.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="options of benchmarks/mole_decode.py (--quick, --json, --threads N, "
-                        "--write-results, ...)")
-    q.set_defaults(func=cmd_bench_mole_decode)
-    q = bsub.add_parser("generate", help="greedy generate tokens/s vs transformers (Llama, "
-                                         "Qwen2-MoE) with the same weights")
-    q.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="options of benchmarks/generate.py (--quick, --json, --models, "
-                        "--batches, --dtypes, --write-results, ...)")
-    q.set_defaults(func=cmd_bench_generate)
-
-    q = bsub.add_parser("data-prepare", help="prepare throughput and peak memory vs corpus size, "
-                                             "against in-memory encode_batch")
-    q.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="options of benchmarks/data_prepare.py (--sizes-gb, --workers, ...)")
-    q.set_defaults(func=cmd_bench_data_prepare)
+    for name, (_, help_text, rest_help) in BENCHMARKS.items():
+        q = bsub.add_parser(name, help=help_text)
+        q.add_argument("rest", nargs=argparse.REMAINDER, help=rest_help)
+        q.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: prepare data, train, evaluate, sample")
     p.add_argument("--out", default="runs/demo")
@@ -588,28 +592,12 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_bench_moe_layer(args) -> int:
-    from moelab.ops.bench import main as bench_main
+def cmd_bench(args) -> int:
+    """A benchmark parses its own options (`args.rest`, see _parse_args)."""
+    import importlib
 
-    return bench_main(args.rest) or 0
-
-
-def cmd_bench_data_prepare(args) -> int:
-    from moelab.data.bench import main as bench_main
-
-    return bench_main(args.rest) or 0
-
-
-def cmd_bench_mole_decode(args) -> int:
-    from moelab.export.mole_bench import main as bench_main
-
-    return bench_main(args.rest) or 0
-
-
-def cmd_bench_generate(args) -> int:
-    from moelab.eval.generate_bench import main as bench_main
-
-    return bench_main(args.rest) or 0
+    module = importlib.import_module(BENCHMARKS[args.bench_command][0])
+    return module.main(args.rest) or 0
 
 
 def cmd_demo(args) -> int:
