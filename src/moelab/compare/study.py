@@ -195,13 +195,13 @@ def check_not_stretched(run_dir: Path, steps: int, cfg) -> None:
     """A member's run that started with another total length is not continued: resuming it
     with this study's --tokens would stretch its learning-rate schedule midway, and the table
     would show a model trained differently from its peers. ConfigError naming both lengths."""
-    from moelab.train.checkpoint import latest_checkpoint
+    from moelab.train.checkpoint import STATE_FILE, latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return
     try:
-        was = json.loads((ckpt / "state.json").read_text())["total_steps"]
+        was = json.loads((ckpt / STATE_FILE).read_text())["total_steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable: train()'s resume reports the damaged checkpoint itself
     if was != steps:

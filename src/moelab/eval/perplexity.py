@@ -109,7 +109,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path |
     converted) directory, merged with what is there, and returns this split's results.
     """
     from moelab.data.loader import iter_documents
-    from moelab.data.shards import load_meta
+    from moelab.data.shards import check_tokenizer, load_meta
     from moelab.train.loop import resolve_device
     from moelab.train.rundir import check_tokenizer_of_run, check_vocab, read_run_info
 
@@ -125,7 +125,8 @@ def evaluate_run(run_dir: str | Path, split: str = "val", data_dir: str | Path |
     data_dir = Path(data_dir).expanduser()
     meta = load_meta(data_dir)
     check_vocab(meta, cfg, data_dir)
-    check_tokenizer_of_run(owner, meta, data_dir)
+    check_tokenizer(data_dir, meta)  # the data dir's tokenizer file is its meta.json's
+    check_tokenizer_of_run(owner, info, meta, data_dir)
     if split not in meta["tokens"]:
         raise DataError(f"data dir {data_dir}: no split {split!r}; expected one of "
                         f"{sorted(meta['tokens'])}")

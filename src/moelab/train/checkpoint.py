@@ -194,19 +194,20 @@ def check_weights_file(ckpt: Path) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except SafetensorError as e:
-        size = path.stat().st_size
-        raise CheckpointError(f"{path}: damaged, not a complete safetensors file ({size:,} "
-                              f"bytes; {str(e).splitlines()[0]})") from None
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, e: SafetensorError) -> CheckpointError:
+    return CheckpointError(f"{path}: damaged, not a complete safetensors file "
+                           f"({path.stat().st_size:,} bytes; {str(e).splitlines()[0]})")
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    check_weights_file(ckpt)
+    path = ckpt / "model.safetensors"
     try:
-        missing, unexpected = st_load_model(_unwrap(model), str(ckpt / "model.safetensors"),
-                                            strict=False)
-    except SafetensorError as e:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'}: damaged "
-                              f"({str(e).splitlines()[0]})") from None
+        missing, unexpected = st_load_model(_unwrap(model), str(path), strict=False)
+    except SafetensorError as e:  # the header check of check_weights_file, while loading
+        raise _damaged(path, e) from None
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{ckpt}: weights do not fit this model "
                               f"({str(e).splitlines()[-1].strip()})") from None

@@ -80,14 +80,12 @@ def write_run_files(run_dir: Path, cfg: Config, data_dir: Path, meta: dict, devi
     write_json_atomic(run_dir / RUN_FILE, info)
 
 
-def check_tokenizer_of_run(run_dir: Path, meta: dict, data_dir: Path) -> None:
+def check_tokenizer_of_run(run_dir: Path, info: dict, meta: dict, data_dir: Path) -> None:
     """Refuse data tokenized with another tokenizer than the run was trained with (its scores
-    and samples would be garbage), naming both sides: the run's recorded tokenizer hash against
-    the data dir's, and the data dir's tokenizer file against its own meta.json."""
-    from moelab.data.shards import check_tokenizer
-
-    check_tokenizer(data_dir, meta)
-    recorded = read_run_info(run_dir).get("data") or {}
+    and samples would be garbage), naming both sides: the tokenizer hash and vocabulary the
+    run's run.json (`info`) recorded against the data dir's meta.json. The data dir's own
+    tokenizer file is `moelab.data.shards.check_tokenizer`'s to check."""
+    recorded = info.get("data") or {}
     was, was_vocab = recorded.get("tokenizer_sha256"), recorded.get("vocab_size")
     tok = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
     now = tok.get("sha256")
@@ -95,8 +93,7 @@ def check_tokenizer_of_run(run_dir: Path, meta: dict, data_dir: Path) -> None:
         raise DataError(
             f"data dir {data_dir} was tokenized with another tokenizer (sha256 {now[:12]}..., "
             f"vocab {meta['vocab_size']}) than run {run_dir} was trained with (sha256 "
-            f"{was[:12]}..., vocab {was_vocab}, data dir "
-            f"{read_run_info(run_dir).get('data_dir', '?')})")
+            f"{was[:12]}..., vocab {was_vocab}, data dir {info.get('data_dir', '?')})")
     if was_vocab is not None and was_vocab != meta["vocab_size"]:
         raise DataError(f"data dir {data_dir} has vocab_size {meta['vocab_size']} but run "
                         f"{run_dir} was trained on data with vocab_size {was_vocab}")
@@ -104,8 +101,9 @@ def check_tokenizer_of_run(run_dir: Path, meta: dict, data_dir: Path) -> None:
 
 def check_same_data(run_dir: Path, meta: dict, data_dir: Path) -> None:
     """Refuse to resume on data whose tokenizer or train/val shards differ from the run's."""
-    check_tokenizer_of_run(run_dir, meta, data_dir)
-    recorded = read_run_info(run_dir).get("data")
+    info = read_run_info(run_dir)
+    check_tokenizer_of_run(run_dir, info, meta, data_dir)
+    recorded = info.get("data")
     if not recorded:
         return  # no record: the loader's own check (shard hash of the train split) still runs
     for split in ("train", "val"):
@@ -114,7 +112,7 @@ def check_same_data(run_dir: Path, meta: dict, data_dir: Path) -> None:
             raise DataError(
                 f"data dir {data_dir}: {split} shard differs from the one run {run_dir} was "
                 f"trained on (sha256 {str(now)[:12]}... vs {str(was)[:12]}...); pass "
-                f"--data {read_run_info(run_dir).get('data_dir', 'the original data dir')}")
+                f"--data {info.get('data_dir', 'the original data dir')}")
 
 
 def check_resume_config(saved: Config, given: Config, ckpt: Path) -> None:
