@@ -142,3 +142,17 @@ def assert_greedy_equal(got_BT, want_BT, model, tie_tol: float = 1e-4) -> None:
         assert gap <= tie_tol * scale, (
             f"row {b}: greedy outputs differ at position {t} ({int(got_BT[b, t])} vs "
             f"{int(want_BT[b, t])}) where the logits are {gap:.3g} apart, not a near tie")
+
+
+def small_tokenizer(directory, vocab: int):
+    """A byte-level BPE of `vocab` tokens trained on the bundled corpus's test documents (cut to
+    20,000 characters each), saved as directory/tokenizer.json; returns that path."""
+    from pathlib import Path
+
+    from moelab.data.corpus import TEST_TITLES, load_default_corpus
+    from moelab.data.tokenizer import train_bpe
+
+    path = Path(directory) / "tokenizer.json"
+    docs = [d["text"][:20000] for d in load_default_corpus() if d["title"] in TEST_TITLES]
+    train_bpe(docs, vocab).save(path)
+    return path

@@ -7,14 +7,12 @@ import torch
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-from helpers import tiny  # noqa: E402
+from helpers import small_tokenizer, tiny  # noqa: E402
 
 VOCAB = 300  # a byte-level BPE needs >= 257 entries
 
 
 def make_run(run_dir, *sets, vocab=VOCAB, step=7):
-    from moelab.data.corpus import TEST_TITLES, load_default_corpus
-    from moelab.data.tokenizer import train_bpe
     from moelab.model import MoELM
     from moelab.train.checkpoint import write_checkpoint
 
@@ -22,8 +20,7 @@ def make_run(run_dir, *sets, vocab=VOCAB, step=7):
     torch.manual_seed(0)
     model = MoELM(cfg.model)
     write_checkpoint(run_dir, step, model, cfg)
-    docs = [d["text"][:20000] for d in load_default_corpus() if d["title"] in TEST_TITLES]
-    train_bpe(docs, vocab).save(run_dir / "tokenizer.json")
+    small_tokenizer(run_dir, vocab)
     cfg.save(run_dir / "config.json")
     return model, cfg
 

@@ -15,7 +15,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_greedy_equal, tiny  # noqa: E402
+from helpers import assert_greedy_equal, small_tokenizer, tiny  # noqa: E402
 from moelab.compare.study import tiny_presets  # noqa: E402
 from moelab.config import load_preset  # noqa: E402
 from moelab.errors import CheckpointError, ConfigError, MoelabError  # noqa: E402
@@ -28,13 +28,7 @@ VOCAB = 300
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from moelab.data.corpus import TEST_TITLES, load_default_corpus
-    from moelab.data.tokenizer import train_bpe
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    docs = [d["text"][:20000] for d in load_default_corpus() if d["title"] in TEST_TITLES]
-    train_bpe(docs, VOCAB).save(path)
-    return path
+    return small_tokenizer(tmp_path_factory.mktemp("tok"), VOCAB)
 
 
 def small_config(preset: str, *sets: str):

@@ -15,6 +15,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import small_tokenizer  # noqa: E402
 from imports.hf_models import CASES, MOE_CASES, VOCAB, build  # noqa: E402
 from moelab.imports import import_hf  # noqa: E402
 from moelab.train.checkpoint import load_model  # noqa: E402
@@ -24,13 +25,7 @@ TOK_VOCAB = 300
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from moelab.data.corpus import TEST_TITLES, load_default_corpus
-    from moelab.data.tokenizer import train_bpe
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    docs = [d["text"][:20000] for d in load_default_corpus() if d["title"] in TEST_TITLES]
-    train_bpe(docs, TOK_VOCAB).save(path)
-    return path
+    return small_tokenizer(tmp_path_factory.mktemp("tok"), TOK_VOCAB)
 
 
 def make(name, tmp_path, tokenizer_file=None):
