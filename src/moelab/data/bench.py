@@ -73,26 +73,22 @@ def make_corpus(path: Path, n_chars: int, seed: int = 0) -> int:
 
 
 def _tree_rss(root: int) -> int:
-    """Resident bytes of `root` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
+    """Resident bytes of `root` and all its descendants.
+
+    The tree is walked through /proc/PID/task/TID/children rather than by scanning every process
+    in /proc: the poll runs beside the workers it measures and must not take their CPU.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        todo.extend(children.get(pid, []))
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            for task in os.listdir(f"/proc/{pid}/task"):
+                todo.extend(int(c) for c in
+                            Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            pass  # the process ended while we looked
     return total
 
 
