@@ -25,6 +25,22 @@ def test_generate_greedy_matches_uncached_argmax_loop():
     assert torch.equal(m.generate(x, 8, temperature=0, use_cache=False), ref)
 
 
+def test_generate_runs_in_inference_mode_and_returns_a_normal_tensor(monkeypatch):
+    m = _m().train()
+    modes = []
+    orig = MoELM.forward
+
+    def spy(self, *a, **kw):
+        modes.append(torch.is_inference_mode_enabled())
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(MoELM, "forward", spy)
+    out = m.generate(torch.randint(0, 97, (2, 3)), 4, temperature=0)
+    assert modes == [True] * 4 and m.training  # training mode restored
+    assert not out.is_inference()
+    out[:, 0] = 1  # writable outside inference mode
+
+
 def test_generate_stops_on_eos_and_pads_finished_rows():
     m = _m()
     x = torch.randint(0, 97, (1, 4))
