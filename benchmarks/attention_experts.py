@@ -14,9 +14,15 @@ machine hits every row alike; the table reports each row's median. MACs are the 
 analytic forward MACs per token (causal attention), as `moelab.flops` counts them.
 
     python benchmarks/attention_experts.py [--steps 7] [--threads 2] [--no-write]
+        [--cpu-allocator reuse|system]
+
+The process's malloc is set up as `moelab train` sets it up on CPU (`train.cpu_allocator`,
+default `reuse`: large freed blocks stay mapped, moelab/cpu_memory.py); `--cpu-allocator system`
+leaves glibc's default, under which every step page-faults the expert gradients in afresh.
 
 The table is printed and written to benchmarks/RESULTS.md between the
-`<!-- attention_experts:start -->` / `<!-- attention_experts:end -->` markers.
+`<!-- attention_experts:start -->` / `<!-- attention_experts:end -->` markers (with
+`--cpu-allocator system`: `attention_experts_system_malloc`).
 """
 from __future__ import annotations
 
@@ -121,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
+    ap.add_argument("--cpu-allocator", choices=("reuse", "system"), default="reuse",
+                    help="malloc as `moelab train` sets it (reuse) or glibc's default")
     args = ap.parse_args(argv)
+    if args.cpu_allocator == "reuse":
+        from moelab.cpu_memory import reuse_large_blocks
+
+        reuse_large_blocks()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads. Median of {args.steps} "
         "steps (forward, balance losses, backward into input and weights) after warmup, "
         "timed round-robin across rows, float32, routed engine backend `auto`. MACs: the "
-        "layer's analytic forward MACs per token (causal). Ratios are to the dense attention "
+        f"layer's analytic forward MACs per token (causal). malloc: `{args.cpu_allocator}` "
+        "(train.cpu_allocator). Ratios are to the dense attention "
         "of the same width; the tiny rows are the attention layers of MAC-matched presets, "
         "the base rows the UMoE paper's base configs (UMoE-Att mixes d-wide values, hence its "
         "higher MACs)."
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "", table(rows)])
     print(body)
     if not args.no_write:
-        write_section("attention_experts", body)
+        write_section("attention_experts" + ("_system_malloc" if args.cpu_allocator == "system"
+                                             else ""), body)
     return 0
 
 

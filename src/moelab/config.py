@@ -347,6 +347,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16 | float16
     compile: bool = False
+    # CPU runs: "reuse" keeps large freed blocks mapped between steps (moelab/cpu_memory.py:
+    # no page faults on the expert gradients each step), "system" leaves malloc as it is
+    cpu_allocator: str = "reuse"
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard) | ep (experts split)
     ep_size: int = 0  # parallel ep: processes one expert bank is split over (0 = all of them)
     seed: int = 0
@@ -376,6 +379,7 @@ class TrainConfig:
         check_choice(p + ".dtype", self.dtype, DTYPES)
         check_choice(p + ".aux_loss_scale", self.aux_loss_scale, AUX_LOSS_SCALES)
         check_choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
+        check_choice(p + ".cpu_allocator", self.cpu_allocator, ("reuse", "system"))
         return self
 
 

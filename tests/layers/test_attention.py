@@ -192,3 +192,49 @@ def test_diagnostics_first_token_and_max_activation():
     assert out.diagnostics["max_activation"].shape == (3,)
     assert (out.diagnostics["max_activation"] > 0).all()
     assert m(torch.randint(0, 97, (2, T))).diagnostics == {}
+
+
+def _explicit_causal(q, k, v, scale):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("H,Hk,T,dk,dv,block", [(4, 1, 150, 16, 40, 64), (6, 2, 70, 8, 24, 32),
+                                                 (3, 3, 5, 4, 12, 64), (2, 1, 64, 8, 16, 64)])
+def test_blocked_causal_attention_matches_explicit_float64(H, Hk, T, dk, dv, block):
+    from moelab.layers.attention import blocked_causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+               for h, d in ((H, dk), (Hk, dk), (Hk, dv)))
+    out = blocked_causal_attention(q, k, v, 0.3, block)
+    ref = _explicit_causal(q, k, v, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * dy).sum(), (q, k, v)),
+                    torch.autograd.grad((ref * dy).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_causal_attention_takes_the_blocked_path_for_wide_values(monkeypatch):
+    """UMoE's d-wide values: no flash kernel on CPU, so `causal_attention` computes block by
+    block; bf16 keeps its float32 softmax and stays close to the float64 reference."""
+    import moelab.layers.attention as attention
+
+    calls = []
+    orig = attention.blocked_causal_attention
+    monkeypatch.setattr(attention, "blocked_causal_attention",
+                        lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 100, 8, generator=g), torch.randn(1, 1, 100, 8, generator=g), \
+        torch.randn(1, 1, 100, 32, generator=g)
+    out = attention.causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), past=0)
+    ref = _explicit_causal(q.double(), k.double(), v.double(), 8 ** -0.5)
+    assert calls == [1] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.02)
+    attention.causal_attention(q, k, v[..., :8], past=0)  # equal widths: SDPA
+    assert calls == [1]

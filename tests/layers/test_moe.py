@@ -110,7 +110,9 @@ def test_moe_model_causal_and_cached(sets):
     full = m(x).logits
     y = x.clone()
     y[:, 7] = (y[:, 7] + 1) % 97
-    assert torch.equal(m(y).logits[:, :7], full[:, :7])
+    # not bit-equal: changing token 7 moves rows within the experts' groups, and grouped_mm's
+    # rounding depends on a row's place in its group (a leak would change the logits by ~1e-2)
+    torch.testing.assert_close(m(y).logits[:, :7], full[:, :7], rtol=0, atol=1e-6)
     cache = m.new_cache()
     inc = torch.cat([m(x[:, :5], cache=cache).logits] +
                     [m(x[:, t:t + 1], cache=cache).logits for t in range(5, 12)], 1)

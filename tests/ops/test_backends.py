@@ -27,19 +27,58 @@ def test_unknown_backend_names_value_and_choices():
     (torch.float32, 1, "loop"), (torch.float32, 64, "padded"), (torch.float32, 4096, "scatter"),
     (torch.bfloat16, 4, "loop"), (torch.bfloat16, 512, "padded"),
     (torch.bfloat16, 8192, "scatter")])
-def test_auto_picks_a_working_backend_on_cpu(dtype, T, want):
+def test_auto_picks_a_working_backend_on_cpu(dtype, T, want, threads):
     # (E=16 experts: enough for `padded` to pay at small batches; see the next test for few)
     E, d, h, k = 16, 64, 32, 2
     x = torch.randn(T, d, dtype=dtype, requires_grad=True)  # training: a backward follows
     w = torch.randn(E, d, h, dtype=dtype, requires_grad=True)
+    threads(2)
     name = resolve_backend("auto", x, w, T * k, E)
     assert name == choose_backend(x, w, T * k, E) == want
+
+
+@pytest.fixture
+def threads():
+    """threads(n) sets torch's intra-op threads until the test ends."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_auto_training_float32_on_one_thread_takes_grouped_mm_for_small_groups(threads):
+    E, d, h = 116, 64, 32
+    x = torch.randn(8, d, requires_grad=True)
+    w = torch.randn(E, d, h, requires_grad=True)
+    threads(1)
+    assert choose_backend(x, w, 26 * E, E) == "grouped_mm"  # padded on more threads
+    assert choose_backend(x, w, 64 * E, E) == "scatter"
+    assert choose_backend(x.bfloat16(), w.bfloat16(), 26 * E, E) == "padded"
+    threads(2)
+    assert choose_backend(x, w, 26 * E, E) == "padded"
+
+
+def test_auto_skips_padded_when_routing_is_unbalanced(threads):
+    E, d, h = 116, 64, 32
+    x = torch.randn(8, d, requires_grad=True)
+    w = torch.randn(E, d, h, requires_grad=True)
+    threads(2)
+    n_pairs = 26 * E
+    assert choose_backend(x, w, n_pairs, E, max_count=52) == "padded"  # half the rows padding
+    assert choose_backend(x, w, n_pairs, E, max_count=53) == "grouped_mm"
+    assert choose_backend(x.bfloat16(), w.bfloat16(), n_pairs, E, max_count=200) == "scatter"
+    # routed_matmul passes the plan's largest count: one expert gets every pair
+    idx = torch.zeros(n_pairs, 1, dtype=torch.long)
+    idx[:E, 0] = torch.arange(E)
+    plan = build_plan(idx, E)
+    assert plan.host_max_count() == n_pairs - E + 1
+    assert resolve_backend("auto", x, w, plan.n_pairs, E, plan.host_max_count()) == "grouped_mm"
 
 
 @pytest.mark.parametrize("dtype,T,want", [
     (torch.float32, 1, "loop"), (torch.float32, 8, "grouped_mm"), (torch.float32, 64, "grouped_mm"),
     (torch.float32, 128, "padded"), (torch.bfloat16, 8, "padded")])
-def test_auto_at_inference_uses_the_decode_measurements(dtype, T, want):
+def test_auto_at_inference_uses_the_decode_measurements(dtype, T, want, threads):
+    threads(2)
     E, d, h, k = 16, 64, 32, 2
     x = torch.randn(T, d, dtype=dtype)
     w = torch.randn(E, d, h, dtype=dtype, requires_grad=True)
@@ -47,9 +86,12 @@ def test_auto_at_inference_uses_the_decode_measurements(dtype, T, want):
         assert choose_backend(x, w, T * k, E) == want
 
 
-def test_auto_with_few_experts_skips_padded():
+def test_auto_with_few_experts_skips_padded(threads):
+    threads(2)
     x, w = torch.randn(32, 8), torch.randn(6, 8, 8)
-    assert choose_backend(x, w, 64, 6) == "scatter"
+    assert choose_backend(x, w, 64, 6) == "grouped_mm"  # 11 pairs per expert
+    assert choose_backend(x, w, 6 * 64, 6) == "scatter"
+    assert choose_backend(x.bfloat16(), w.bfloat16(), 64, 6) == "scatter"
 
 
 def test_auto_runs_in_fp32_and_bf16():

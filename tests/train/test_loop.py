@@ -218,3 +218,15 @@ def test_moe_resume_restores_router_noise_and_logs_routing(tiny_data, tmp_path, 
         assert any(k.startswith("layer0.") and k.endswith(suffix) for k in line), suffix
     loads = [v for k, v in a_val[10].items() if k.startswith("layer1.") and k.endswith(".load")]
     assert loads and len(loads[0]) == 4 and sum(loads[0]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_training_on_cpu_applies_the_setting(monkeypatch, tiny_data, tiny_cfg, tmp_path):
+    from moelab.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "reuse_large_blocks", lambda: calls.append(1) or True)
+    loop.train(tiny_cfg("train.cpu_allocator=system"), tiny_data, tmp_path / "a", steps=1,
+               progress=False, device="cpu")
+    assert calls == []
+    loop.train(tiny_cfg(), tiny_data, tmp_path / "b", steps=1, progress=False, device="cpu")
+    assert calls == [1]

@@ -48,6 +48,17 @@ PADDED_MIN_EXPERTS = 16
 # well behind it; in bf16 `padded` stayed ahead, as above. Below the gathered path's limits an
 # ExpertBank skips the plan altogether (moelab/ops/gathered.py).
 INFER_GROUPED_MAX_PAIRS_PER_EXPERT = 8
+# Training in float32 with few pairs per expert (the attention experts of the UMoE paper's base
+# configs: 116 experts, 26-35 pairs each at 1024 tokens; measured on an idle machine, fwd+bwd of
+# one routed matmul and of whole attention layers, benchmarks/attention_experts.py): on one
+# thread `grouped_mm` was faster than `padded` at every count from 2 to 32 pairs per expert and
+# level with or ahead of `scatter`; on two threads `padded` (one multi-threaded bmm) led.
+TRAIN_GROUPED_MAX_PAIRS_PER_EXPERT = 32
+# `padded` computes E x C rows (C = the largest expert's count): with unbalanced routing (an
+# untrained router sends a few experts most tokens) that was 2-8x the real rows, and the UMoE
+# base attention layer ran 1.6x slower with it than with `grouped_mm`. It is taken only while
+# at most half of the padded rows are padding.
+PADDED_MAX_FILL = 2
 
 
 def check_backend(name: str) -> str:
@@ -90,10 +101,14 @@ def grouped_mm_supported(x: torch.Tensor, w_EIO: torch.Tensor) -> bool:
     return (w_EIO.shape[1] * size) % 16 == 0 and (w_EIO.shape[2] * size) % 16 == 0
 
 
-def choose_backend(x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int, n_experts: int) -> str:
+def choose_backend(x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int, n_experts: int,
+                   max_count: int | None = None) -> str:
     """The automatic choice (see the constants above for the CPU measurements). On CUDA:
     `grouped_mm` where the kernel supports the operands, else `padded` for small batches and
-    `loop` for large ones (untested here: the development machine has no GPU)."""
+    `loop` for large ones (untested here: the development machine has no GPU).
+
+    `max_count`: the largest expert's pair count when the caller knows it without a device sync
+    (a CPU plan's host counts); None is taken as balanced routing."""
     per_expert = n_pairs / max(n_experts, 1)
     small = per_expert <= PADDED_MAX_PAIRS_PER_EXPERT.get(x.dtype, 32)
     if x.device.type == "cuda":
@@ -107,15 +122,23 @@ def choose_backend(x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int, n_experts
         return "grouped_mm"
     if per_expert < 1:
         return "loop"
-    return "padded" if small and n_experts >= PADDED_MIN_EXPERTS else "scatter"
+    balanced = max_count is None or n_experts * max_count <= PADDED_MAX_FILL * n_pairs
+    fp32 = x.dtype == torch.float32
+    if (small and n_experts >= PADDED_MIN_EXPERTS and balanced
+            and (torch.get_num_threads() > 1 or not fp32)):
+        return "padded"
+    if (fp32 and per_expert <= TRAIN_GROUPED_MAX_PAIRS_PER_EXPERT
+            and grouped_mm_supported(x, w_EIO)):
+        return "grouped_mm"
+    return "scatter"
 
 
 def resolve_backend(name: str, x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int,
-                    n_experts: int) -> str:
+                    n_experts: int, max_count: int | None = None) -> str:
     """Validate `name` and turn `auto` (or an unusable explicit choice) into a concrete backend."""
     check_backend(name)
     if name == "auto":
-        return choose_backend(x, w_EIO, n_pairs, n_experts)
+        return choose_backend(x, w_EIO, n_pairs, n_experts, max_count)
     if name == "grouped_mm" and not grouped_mm_supported(x, w_EIO):
         return "loop"  # documented clean fallback: same math, every dtype and alignment
     if name == "triton":

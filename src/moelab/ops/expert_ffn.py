@@ -55,7 +55,8 @@ def expert_ffn(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.Tensor,
     check_activation(activation)
     _check(x_TD, w1_EDH, w2_EHD, w3_EDH, plan)
     (x_TD, w1_EDH, w2_EHD, w3_EDH), amp = amp_inputs(x_TD, w1_EDH, w2_EHD, w3_EDH)
-    name = resolve_backend(backend, x_TD, w1_EDH, plan.n_pairs, plan.n_experts)
+    name = resolve_backend(backend, x_TD, w1_EDH, plan.n_pairs, plan.n_experts,
+                           plan.host_max_count())
     with amp:
         if name == "scatter":
             w_S = None

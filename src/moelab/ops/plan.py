@@ -119,6 +119,10 @@ class RoutingPlan:
     def max_count(self) -> int:
         return max(self.counts(), default=0)
 
+    def host_max_count(self) -> int | None:
+        """`max_count` where it costs no device sync (a CPU plan), else None."""
+        return self.max_count() if self.device.type == "cpu" else None
+
     def offsets_i32(self) -> torch.Tensor:
         """(E,) int32 *end* offsets, the layout `torch.nn.functional.grouped_mm` expects."""
         if self._offsets_i32 is None:

@@ -16,6 +16,29 @@ from moelab.ops.loop import LoopRoutedMM
 from moelab.ops.plan import RoutingPlan, bucket_rows
 
 
+def _register_grouped_mm_flops() -> None:
+    """Teach `torch.utils.flop_counter.FlopCounterMode` grouped_mm's FLOPs, which torch 2.13
+    counts as zero (the FLOP tables and `moelab.flops` checks would miss every expert matmul
+    that `auto` sends to `grouped_mm`). Skipped where torch has a formula of its own."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is None or op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        if len(a_shape) == 2 and len(b_shape) == 2:  # (I, S) x (S, O) -> (E, I, O): dW
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+        n_out = 1
+        for s in out_shape:  # every output element is a dot product of length K
+            n_out *= s
+        return 2 * n_out * a_shape[-1]
+
+
+_register_grouped_mm_flops()
+
+
 class GroupedRoutedMM(torch.autograd.Function):
     """`grouped_mm`: one grouped GEMM per pass (forward, dx, dW) over the sorted rows."""
 
@@ -77,7 +100,7 @@ def routed_matmul(x: torch.Tensor, w_EIO: torch.Tensor, plan: RoutingPlan, *, ga
         raise ValueError(f"x must be ({want}, {w_EIO.shape[1]}) with gather={gather}, "
                          f"got {tuple(x.shape)}")
     (x, w_EIO), amp = amp_inputs(x, w_EIO)
-    name = resolve_backend(backend, x, w_EIO, plan.n_pairs, plan.n_experts)
+    name = resolve_backend(backend, x, w_EIO, plan.n_pairs, plan.n_experts, plan.host_max_count())
     with amp:
         if name == "grouped_mm":
             return GroupedRoutedMM.apply(x, w_EIO, plan, gather)
