@@ -24,7 +24,8 @@ def test_unknown_backend_names_value_and_choices():
 
 
 @pytest.mark.parametrize("dtype,T,want", [
-    (torch.float32, 1, "loop"), (torch.float32, 64, "padded"), (torch.float32, 4096, "scatter"),
+    (torch.float32, 1, "loop"), (torch.float32, 64, "padded"),
+    (torch.float32, 4096, "grouped_mm"), (torch.float32, 32768, "scatter"),
     (torch.bfloat16, 4, "loop"), (torch.bfloat16, 512, "padded"),
     (torch.bfloat16, 8192, "scatter")])
 def test_auto_picks_a_working_backend_on_cpu(dtype, T, want, threads):
@@ -51,7 +52,9 @@ def test_auto_training_float32_on_one_thread_takes_grouped_mm_for_small_groups(t
     w = torch.randn(E, d, h, requires_grad=True)
     threads(1)
     assert choose_backend(x, w, 26 * E, E) == "grouped_mm"  # padded on more threads
-    assert choose_backend(x, w, 64 * E, E) == "scatter"
+    # grouped_mm while one expert's matmul is under 6 Mi MACs: 3072 pairs of 64 x 32 here
+    assert choose_backend(x, w, 3072 * E, E) == "grouped_mm"
+    assert choose_backend(x, w, 3073 * E, E) == "scatter"
     assert choose_backend(x.bfloat16(), w.bfloat16(), 26 * E, E) == "padded"
     threads(2)
     assert choose_backend(x, w, 26 * E, E) == "padded"
@@ -89,8 +92,8 @@ def test_auto_at_inference_uses_the_decode_measurements(dtype, T, want, threads)
 def test_auto_with_few_experts_skips_padded(threads):
     threads(2)
     x, w = torch.randn(32, 8), torch.randn(6, 8, 8)
-    assert choose_backend(x, w, 64, 6) == "grouped_mm"  # 11 pairs per expert
-    assert choose_backend(x, w, 6 * 64, 6) == "scatter"
+    assert choose_backend(x, w, 64, 6) == "grouped_mm"  # 11 pairs per expert of 8 x 8
+    assert choose_backend(x, w, 6 * (6 << 20) // 64 + 6, 6) == "scatter"
     assert choose_backend(x.bfloat16(), w.bfloat16(), 64, 6) == "scatter"
 
 

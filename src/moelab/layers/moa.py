@@ -100,11 +100,13 @@ class MixtureOfAttentionHeads(nn.Module):
             if ns:
                 g_NKG = torch.cat([self.g_shared(xn_ND)[:, None], g_NKG], dim=1)
             o_NJV = o_NJV * torch.sigmoid(g_NKG)
-        y_SD = routed_matmul(plan.sort_pairs(o_NJV[:, ns:]), self.w_o_EVD, plan, gather=False,
+        # split, not two slices: its backward is one cat, a slice's a zero-filled (N, J, dv) each
+        o_shared_N1V, o_routed_NKV = o_NJV.split([ns, k], dim=1)
+        y_SD = routed_matmul(plan.sort_pairs(o_routed_NKV), self.w_o_EVD, plan, gather=False,
                              backend=self.backend)
         y_ND = combine(y_SD, plan, r.weights_BTK.reshape(N, k).to(y_SD.dtype))
         if ns:
-            y_ND = y_ND + self.o_shared(o_NJV[:, 0])
+            y_ND = y_ND + self.o_shared(o_shared_N1V.squeeze(1))
         return y_ND.view(B, T, D)
 
     @staticmethod

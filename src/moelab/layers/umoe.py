@@ -141,13 +141,15 @@ class PreMixingAttention(nn.Module):
             if ns:
                 g_NKG = torch.cat([self.g_shared(un_ND)[:, None], g_NKG], dim=1)
             mixed_NJD = mixed_NJD * torch.sigmoid(g_NKG)
+        # split, not two slices: its backward is one cat, a slice's a zero-filled (N, J, D) each
+        shared_N1D, routed_NKD = mixed_NJD.split([ns, k], dim=1)
         # every (token, slot) pair's mixed vector is its own row: a plan over N*k rows of 1 slot
         pair_plan = build_plan(idx_NK.reshape(N * k, 1), self.E)
         w_P1 = r.weights_BTK.reshape(N * k, 1).to(x_BTD.dtype)
-        y_PD = self.experts(mixed_NJD[:, ns:].reshape(N * k, D), pair_plan, w_P1)
+        y_PD = self.experts(routed_NKD.reshape(N * k, D), pair_plan, w_P1)
         y_ND = y_PD.view(N, k, D).sum(1)
         if ns:
-            y_ND = y_ND + self.shared_down(F.silu(self.shared_up(mixed_NJD[:, 0])))
+            y_ND = y_ND + self.shared_down(F.silu(self.shared_up(shared_N1D.squeeze(1))))
         return y_ND.view(B, T, D)
 
     @staticmethod

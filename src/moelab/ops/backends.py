@@ -48,12 +48,15 @@ PADDED_MIN_EXPERTS = 16
 # well behind it; in bf16 `padded` stayed ahead, as above. Below the gathered path's limits an
 # ExpertBank skips the plan altogether (moelab/ops/gathered.py).
 INFER_GROUPED_MAX_PAIRS_PER_EXPERT = 8
-# Training in float32 with few pairs per expert (the attention experts of the UMoE paper's base
-# configs: 116 experts, 26-35 pairs each at 1024 tokens; measured on an idle machine, fwd+bwd of
-# one routed matmul and of whole attention layers, benchmarks/attention_experts.py): on one
-# thread `grouped_mm` was faster than `padded` at every count from 2 to 32 pairs per expert and
-# level with or ahead of `scatter`; on two threads `padded` (one multi-threaded bmm) led.
-TRAIN_GROUPED_MAX_PAIRS_PER_EXPERT = 32
+# Training in float32 with small per-expert matmuls (forward+backward of one routed matmul or
+# expert FFN on an idle machine, and of whole attention layers, benchmarks/attention_experts.py):
+# `grouped_mm` beat `padded` at every count from 2 to 32 pairs per expert on one thread, and beat
+# `scatter` while one expert's matmul (pairs x d_in x d_out) stayed under about 6 M MACs: the
+# UMoE paper's base attention experts (116 experts, 26-35 pairs each, 768 x 192: 69 vs 86 ms for
+# SwitchHead's V experts), umoe-att-tiny's bank (192 pairs of 192 x 48: 17.9 vs 20.9 ms); at
+# 8 M and above (128 pairs of 512 x 128, 512 pairs of 192 x 64) `scatter` led. On two threads
+# `padded` (one multi-threaded bmm) led where routing was balanced.
+TRAIN_GROUPED_MAX_EXPERT_MACS = 6 << 20
 # `padded` computes E x C rows (C = the largest expert's count): with unbalanced routing (an
 # untrained router sends a few experts most tokens) that was 2-8x the real rows, and the UMoE
 # base attention layer ran 1.6x slower with it than with `grouped_mm`. It is taken only while
@@ -127,7 +130,7 @@ def choose_backend(x: torch.Tensor, w_EIO: torch.Tensor, n_pairs: int, n_experts
     if (small and n_experts >= PADDED_MIN_EXPERTS and balanced
             and (torch.get_num_threads() > 1 or not fp32)):
         return "padded"
-    if (fp32 and per_expert <= TRAIN_GROUPED_MAX_PAIRS_PER_EXPERT
+    if (fp32 and per_expert * w_EIO.shape[1] * w_EIO.shape[2] <= TRAIN_GROUPED_MAX_EXPERT_MACS
             and grouped_mm_supported(x, w_EIO)):
         return "grouped_mm"
     return "scatter"
