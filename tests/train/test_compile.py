@@ -34,3 +34,26 @@ def test_routed_models_compile_with_graph_breaks(monkeypatch):
     assert seen["fullgraph"] is False
     compile_model(MoELM(tiny().model))
     assert seen["fullgraph"] is True
+
+
+def test_routed_model_whose_eager_choice_is_grouped_mm_traces(monkeypatch):
+    """torch 2.13's fake-tensor grouped_mm takes only bf16: under dynamo `auto` must not pick it
+    for float32 (eager does, for small expert matmuls). Dynamo's trace with the eager backend
+    is enough to hit the fake kernel."""
+    from moelab.ops import backends
+
+    cfg = tiny("model.ffn.kind=moe", "model.ffn.n_experts=4", "model.ffn.top_k=2",
+               "model.ffn.expert_dim=16").model
+    torch.manual_seed(0)
+    m = MoELM(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    picked = []
+    orig = backends.choose_backend
+    monkeypatch.setattr(backends, "choose_backend",
+                        lambda *a, **kw: picked.append(orig(*a, **kw)) or picked[-1])
+    ref = m(x, x).loss
+    assert "grouped_mm" in picked  # the eager choice this test is about
+    torch._dynamo.reset()
+    loss = compile_model(m, backend="eager")(x, x).loss
+    loss.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)

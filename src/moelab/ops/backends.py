@@ -56,7 +56,7 @@ INFER_GROUPED_MAX_PAIRS_PER_EXPERT = 8
 # SwitchHead's V experts), umoe-att-tiny's bank (192 pairs of 192 x 48: 17.9 vs 20.9 ms); at
 # 8 M and above (128 pairs of 512 x 128, 512 pairs of 192 x 64) `scatter` led. On two threads
 # `padded` (one multi-threaded bmm) led where routing was balanced.
-TRAIN_GROUPED_MAX_EXPERT_MACS = 6 << 20
+TRAIN_GROUPED_MAX_EXPERT_MACS = 6_000_000  # moe-tiny's 256 x 192 x 128 = 6.3 M stays on scatter
 # `padded` computes E x C rows (C = the largest expert's count): with unbalanced routing (an
 # untrained router sends a few experts most tokens) that was 2-8x the real rows, and the UMoE
 # base attention layer ran 1.6x slower with it than with `grouped_mm`. It is taken only while
@@ -95,6 +95,8 @@ def grouped_mm_supported(x: torch.Tensor, w_EIO: torch.Tensor) -> bool:
     every row stride must be a multiple of 16 bytes; CUDA kernels want bf16 on sm80+)."""
     if not hasattr(torch.nn.functional, "grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch 2.13's fake-tensor kernel accepts only bf16: compile cannot trace it
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w_EIO.dtype != x.dtype:
         return False
     if x.device.type == "cuda":
