@@ -14,7 +14,7 @@ machine hits every row alike; the table reports each row's median. MACs are the 
 analytic forward MACs per token (causal attention), as `moelab.flops` counts them.
 
     python benchmarks/attention_experts.py [--steps 7] [--threads 2] [--no-write]
-        [--cpu-allocator reuse|system]
+        [--cpu-allocator reuse|system] [--profile base:switchhead]
 
 The process's malloc is set up as `moelab train` sets it up on CPU (`train.cpu_allocator`,
 default `reuse`: large freed blocks stay mapped, moelab/cpu_memory.py); `--cpu-allocator system`
@@ -109,6 +109,25 @@ def bench(steps: int, warmup: int) -> list[dict]:
     return rows
 
 
+def profile_row(which: str, warmup: int) -> int:
+    """Where one row's step goes: the profiler's table, by self CPU time."""
+    from torch.profiler import profile
+
+    found = [r for r in ROWS if f"{r[0]}:{r[1]}" == which]
+    if not found:
+        raise SystemExit(f"--profile {which!r}: expected one of "
+                         + ", ".join(f"{r[0]}:{r[1]}" for r in ROWS))
+    _, _, preset, sets, b, t = found[0]
+    _, step = make_step(preset, sets, b, t)
+    for _ in range(max(warmup, 1)):
+        step()
+    with profile() as prof:
+        ms = 1000 * step()
+    print(f"{which}: one step {ms:.1f} ms (under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return 0
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| width | kind | config | experts | attn params | batch | MACs/token | "
              "MACs vs dense | fwd+bwd (ms) | us/token | time vs dense |",
@@ -129,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     ap.add_argument("--cpu-allocator", choices=("reuse", "system"), default="reuse",
                     help="malloc as `moelab train` sets it (reuse) or glibc's default")
+    ap.add_argument("--profile", metavar="WIDTH:KIND", default=None,
+                    help="print torch.profiler's op table of one step of that row (e.g. "
+                         "base:switchhead) instead of the benchmark")
     args = ap.parse_args(argv)
     if args.cpu_allocator == "reuse":
         from moelab.cpu_memory import reuse_large_blocks
@@ -136,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         reuse_large_blocks()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile_row(args.profile, args.warmup)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = bench(args.steps, args.warmup)
     given = argv if argv is not None else sys.argv[1:]

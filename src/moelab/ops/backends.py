@@ -43,7 +43,7 @@ PADDED_MAX_PAIRS_PER_EXPERT = {torch.float32: 32, torch.bfloat16: 128, torch.flo
 # With few experts the loop's per-expert overhead is small and `padded` gained nothing (E=8).
 PADDED_MIN_EXPERTS = 16
 # Inference (no gradient) at decode sizes, one thread (benchmarks/moe_decode.py, section
-# moe_decode of benchmarks/RESULTS.md, a loaded machine): in float32 from 1 to 8 pairs per expert
+# moe_decode of benchmarks/RESULTS.md, idle machine): in float32 from 1 to 8 pairs per expert
 # `grouped_mm` was the fastest plan-based backend in most rows (E 16-64, d 192-512), `padded`
 # well behind it; in bf16 `padded` stayed ahead, as above. Below the gathered path's limits an
 # ExpertBank skips the plan altogether (moelab/ops/gathered.py).

@@ -21,7 +21,7 @@ from moelab.ops.activations import act_forward
 from moelab.ops.workspace import scratch
 
 # Measured with one thread at decode sizes (benchmarks/moe_decode.py, section moe_decode of
-# benchmarks/RESULTS.md, a loaded machine): up to one pair per expert in float32 and two in
+# benchmarks/RESULTS.md, idle machine): up to one pair per expert in float32 and two in
 # bf16, with the copy under 8 MiB, the gathered bmm was the fastest or level with it in most
 # rows; beyond that (more pairs, or d=512 experts at batch 8) it fell far behind.
 GATHERED_MAX_PAIRS_PER_EXPERT = {torch.float32: 1.0, torch.bfloat16: 2.0, torch.float16: 2.0}
