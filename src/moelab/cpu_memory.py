@@ -24,7 +24,6 @@ import sys
 
 LARGE_BLOCK_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_applied = False
 
 
 def reuse_large_blocks(limit: int = LARGE_BLOCK_BYTES) -> bool:
@@ -32,7 +31,6 @@ def reuse_large_blocks(limit: int = LARGE_BLOCK_BYTES) -> bool:
 
     Returns whether it took effect: True on Linux with glibc, False elsewhere (other C
     libraries, macOS, Windows), where nothing is changed."""
-    global _applied
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -42,11 +40,5 @@ def reuse_large_blocks(limit: int = LARGE_BLOCK_BYTES) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, int(limit)) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, 2 * int(limit)) == 1 and ok
-    _applied = _applied or ok
-    return ok
-
-
-def applied() -> bool:
-    """Whether `reuse_large_blocks` took effect in this process."""
-    return _applied
+    # trim only above twice that (an int: at most 2 GiB - 1)
+    return mallopt(_M_TRIM_THRESHOLD, min(2 * int(limit), 2**31 - 1)) == 1 and ok
