@@ -8,6 +8,7 @@ a shared machine affects every pair alike; the table reports each pair's median 
 
     python benchmarks/train_throughput.py [--steps 10] [--dtypes float32,bfloat16] [--no-write]
         [--presets P1,P2] [--set train.seq_len=1024 ...] [--compile [both]] [--device cuda]
+        [--cpu-allocator reuse|system]
 
 `--compile both` times every pair eagerly and under `torch.compile` side by side (the compile
 itself happens in the untimed warm-up rounds) and writes the `train_throughput_compile` section.
@@ -160,12 +161,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override for every preset (e.g. train.seq_len=1024)")
     ap.add_argument("--compile", nargs="?", const="on", default=None, choices=["on", "both"],
                     help="torch.compile the model; `both`: eager and compiled side by side")
+    ap.add_argument("--cpu-allocator", choices=("reuse", "system"), default="reuse",
+                    help="on CPU: malloc as `moelab train` sets it (train.cpu_allocator)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from moelab.train.loop import resolve_device
 
     device = resolve_device(args.device)
+    if device.type == "cpu" and args.cpu_allocator == "reuse":
+        from moelab.cpu_memory import reuse_large_blocks
+
+        reuse_large_blocks()  # as `moelab train` does with the default train.cpu_allocator
     presets = (args.presets.split(",") if args.presets
                else [p for p in preset_names() if p.endswith("-tiny")])
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -187,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         + {None: "", "on": ", torch.compile", "both": ", eager and torch.compile (the "
            "compile runs in the warm-up rounds)"}[args.compile] + ". MFU = 6 x forward MACs of the "
         "batch / step time / the matmul peak measured in this run for the row's precision."
+        + (f" malloc: `{args.cpu_allocator}` (train.cpu_allocator)." if device.type == "cpu"
+           else "")
         + (f" 1-minute load average before the run: {load_before:.1f} (other processes "
            "sharing the cores lower these numbers)." if load_before is not None
            and device.type == "cpu" else ""), "",
