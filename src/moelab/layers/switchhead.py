@@ -5,7 +5,7 @@ residual under peri-LN):
 
     q_h, k_h = xn W_q^h, xn W_k^h                                     dense, H heads of d_h
     V_h      = sum_{e in topk(s^v_h)} s^v_{h,e} x W_v[h, e]            s^v = sigmoid(xn W_sel_v)
-    o_h      = softmax((q_h d_h^-1/4)(k_h d_h^-1/4)^T) V_h             SDPA with scale 1
+    o_h      = softmax((q_h d_h^-1/4)(k_h d_h^-1/4)^T) V_h             = SDPA, scale d_h^-1/2
     y        = sum_h sum_{e in topk(s^o_h)} s^o_{h,e} o_h W_o[h, e]    s^o = sigmoid(xn W_sel_o)
 
 The top-k (`attention.top_k`) is taken within each head's `attention.n_experts` (Ea) experts;
@@ -84,19 +84,19 @@ class SwitchHeadAttention(nn.Module):
         B, T, D = x_BTD.shape
         H, dh = self.H, self.dh
         xn_BTD = self.in_norm(x_BTD)
-        s = dh ** -0.25  # MoEUT: q and k each scaled by d_h^-1/4, SDPA scale 1
+        # MoEUT scales q and k by d_h^-1/4 each with SDPA scale 1: the same scores as SDPA's
+        # d_h^-1/2, which is applied inside the kernel instead of two passes over q and k
         q_BHTD = self.rope(self.q_norm(self.q_proj(xn_BTD).view(B, T, H, dh)).transpose(1, 2),
-                           past, ctx.rope) * s
+                           past, ctx.rope)
         k_BHTD = self.rope(self.k_norm(self.k_proj(xn_BTD).view(B, T, H, dh)).transpose(1, 2),
-                           past, ctx.rope) * s
+                           past, ctx.rope)
         v_BHTV = self._values(x_BTD, xn_BTD, ctx).transpose(1, 2)
         if cache is not None:
             kv = cache.update(k=k_BHTD, v=v_BHTV)
             k_BHTD, v_BHTV = kv["k"], kv["v"]
-        o_BHTV = causal_attention(q_BHTD, k_BHTD, v_BHTV, past, scale=1.0)
-        if ctx.diagnostics:  # the helper divides by sqrt(d_h); undo it to get MoEUT's scores
-            ctx.add_diag("attn_first_token", first_token_attention(q_BHTD * dh ** 0.5, k_BHTD,
-                                                                   past))
+        o_BHTV = causal_attention(q_BHTD, k_BHTD, v_BHTV, past, scale=dh ** -0.5)
+        if ctx.diagnostics:  # the helper's 1/sqrt(d_h) scores are MoEUT's
+            ctx.add_diag("attn_first_token", first_token_attention(q_BHTD, k_BHTD, past))
         o_BTHV = o_BHTV.transpose(1, 2)
         if self.gate_proj is not None:  # G1 (arXiv 2505.06708 eq. 5) before the output experts
             o_BTHV = o_BTHV * torch.sigmoid(self.gate_proj(xn_BTD).view(B, T, H, self.gw))
