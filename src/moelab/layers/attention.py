@@ -47,7 +47,7 @@ def causal_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.T
                                           enable_gqa=gqa)
 
 
-CAUSAL_BLOCK = 64  # query rows per block of `blocked_causal_attention` (measured: 64 < 128 < 256)
+CAUSAL_BLOCK = 64  # query rows per block of `blocked_causal_attention` (ad hoc: 32-128 alike)
 
 
 def blocked_causal_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTV: torch.Tensor,
@@ -59,8 +59,8 @@ def blocked_causal_attention(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTV:
     score matrix, half of it masked, and copies the shared K/V head once per query head. Here
     query block [s, e) meets keys [0, e) only, and the query heads of a K/V head are stacked into
     one matrix against that head's keys, so no K/V copy is made: about half the score and mixing
-    MACs at long T (UMoE base, T=512: 154 -> 99 ms forward+backward, one thread). Scores and
-    softmax run in float32 at least; plain autograd gives the backward.
+    MACs at long T (measured on the UMoE-Att layers: `benchmarks/attention_experts.py`). Scores
+    and softmax run in float32 at least; plain autograd gives the backward.
     """
     B, H, T, dk = q_BHTD.shape
     Hk, V = k_BKTD.shape[1], v_BKTV.shape[-1]

@@ -48,19 +48,20 @@ PADDED_MIN_EXPERTS = 16
 # well behind it; in bf16 `padded` stayed ahead, as above. Below the gathered path's limits an
 # ExpertBank skips the plan altogether (moelab/ops/gathered.py).
 INFER_GROUPED_MAX_PAIRS_PER_EXPERT = 8
-# Training in float32 with small per-expert matmuls (forward+backward of one routed matmul or
-# expert FFN on an idle machine, and of whole attention layers, benchmarks/attention_experts.py):
-# `grouped_mm` beat `padded` at every count from 2 to 32 pairs per expert on one thread, and beat
-# `scatter` while one expert's matmul (pairs x d_in x d_out) stayed under about 6 M MACs: the
-# UMoE paper's base attention experts (116 experts, 26-35 pairs each, 768 x 192: 69 vs 86 ms for
-# SwitchHead's V experts), umoe-att-tiny's bank (192 pairs of 192 x 48: 17.9 vs 20.9 ms); at
-# 8 M and above (128 pairs of 512 x 128, 512 pairs of 192 x 64) `scatter` led. On two threads
-# `padded` (one multi-threaded bmm) led where routing was balanced.
+# Training in float32 with small per-expert matmuls (forward+backward of single routed matmuls
+# and expert FFNs timed ad hoc on the idle 2-core machine, one thread; the effect on whole layers
+# is benchmarks/attention_experts.py): `grouped_mm` beat `padded` at every count from 2 to 32
+# pairs per expert, and beat `scatter` while one expert's matmul (pairs x d_in x d_out) stayed
+# under about 6 M MACs, e.g. the UMoE paper's base attention experts (116 experts of 768 x 192,
+# 26-35 pairs each) and umoe-att-tiny's bank (192 pairs of 192 x 48); at 8 M and above (128 pairs
+# of 512 x 128, 512 pairs of 192 x 64) `scatter` led. On two threads `padded` (one
+# multi-threaded bmm) led where routing was balanced.
 TRAIN_GROUPED_MAX_EXPERT_MACS = 6_000_000  # moe-tiny's 256 x 192 x 128 = 6.3 M stays on scatter
 # `padded` computes E x C rows (C = the largest expert's count): with unbalanced routing (an
-# untrained router sends a few experts most tokens) that was 2-8x the real rows, and the UMoE
-# base attention layer ran 1.6x slower with it than with `grouped_mm`. It is taken only while
-# at most half of the padded rows are padding.
+# untrained router sends a few experts most tokens) that can be several times the real rows; in
+# an ad-hoc run of the UMoE base attention layer with each backend forced, `auto` (then picking
+# `padded`) was slower than every explicit backend. It is taken only while at most half of the
+# padded rows are padding.
 PADDED_MAX_FILL = 2
 
 
