@@ -57,11 +57,9 @@ INFER_GROUPED_MAX_PAIRS_PER_EXPERT = 8
 # of 512 x 128, 512 pairs of 192 x 64) `scatter` led. On two threads `padded` (one
 # multi-threaded bmm) led where routing was balanced.
 TRAIN_GROUPED_MAX_EXPERT_MACS = 6_000_000  # moe-tiny's 256 x 192 x 128 = 6.3 M stays on scatter
-# `padded` computes E x C rows (C = the largest expert's count): with unbalanced routing (an
-# untrained router sends a few experts most tokens) that can be several times the real rows; in
-# an ad-hoc run of the UMoE base attention layer with each backend forced, `auto` (then picking
-# `padded`) was slower than every explicit backend. It is taken only while at most half of the
-# padded rows are padding.
+# `padded` computes E x C rows (C = the largest expert's count), so unbalanced routing (a router
+# that sends a few experts most tokens) multiplies its work. It is taken only while at most half
+# of the padded rows are padding: a design bound, not a measured crossover.
 PADDED_MAX_FILL = 2
 
 
