@@ -35,6 +35,7 @@ import time
 import torch
 
 from moelab.bench_results import cpu_name, write_section
+from moelab.cpu_memory import CPU_ALLOCATORS, use_cpu_allocator
 
 BASE_SWITCHHEAD = ["model.attention.kind=switchhead", "model.attention.n_heads=4",
                    "model.attention.head_dim=192", "model.attention.n_experts=29",
@@ -146,16 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
-    ap.add_argument("--cpu-allocator", choices=("reuse", "system"), default="reuse",
+    ap.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="reuse",
                     help="malloc as `moelab train` sets it (reuse) or glibc's default")
     ap.add_argument("--profile", metavar="WIDTH:KIND", default=None,
                     help="print torch.profiler's op table of one step of that row (e.g. "
                          "base:switchhead) instead of the benchmark")
     args = ap.parse_args(argv)
-    if args.cpu_allocator == "reuse":
-        from moelab.cpu_memory import reuse_large_blocks
-
-        reuse_large_blocks()
+    use_cpu_allocator(args.cpu_allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:

@@ -33,6 +33,7 @@ import time
 import torch
 
 from moelab.bench_results import cpu_name, time_ms, write_section
+from moelab.cpu_memory import CPU_ALLOCATORS, use_cpu_allocator
 
 
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override for every preset (e.g. train.seq_len=1024)")
     ap.add_argument("--compile", nargs="?", const="on", default=None, choices=["on", "both"],
                     help="torch.compile the model; `both`: eager and compiled side by side")
-    ap.add_argument("--cpu-allocator", choices=("reuse", "system"), default="reuse",
+    ap.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="reuse",
                     help="on CPU: malloc as `moelab train` sets it (train.cpu_allocator)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -169,10 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     from moelab.train.loop import resolve_device
 
     device = resolve_device(args.device)
-    if device.type == "cpu" and args.cpu_allocator == "reuse":
-        from moelab.cpu_memory import reuse_large_blocks
-
-        reuse_large_blocks()  # as `moelab train` does with the default train.cpu_allocator
+    if device.type == "cpu":
+        use_cpu_allocator(args.cpu_allocator)  # as `moelab train` does
     presets = (args.presets.split(",") if args.presets
                else [p for p in preset_names() if p.endswith("-tiny")])
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

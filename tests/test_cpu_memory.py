@@ -43,3 +43,10 @@ def test_cpu_allocator_choices_are_checked():
     with pytest.raises(ConfigError, match=r"train.cpu_allocator.*'jemalloc'"):
         cfg.train.validate()
 
+
+def test_use_cpu_allocator_system_changes_nothing_and_names_bad_choices():
+    from moelab.cpu_memory import use_cpu_allocator
+
+    assert use_cpu_allocator("system") is False
+    with pytest.raises(ValueError, match="'jemalloc'.*reuse"):
+        use_cpu_allocator("jemalloc")

@@ -22,6 +22,7 @@ import yaml
 
 from moelab.config_parsing import (build, check_choice, check_kind, check_non_negative,
                                    check_positive, divisors, read_mapping, set_dotted)
+from moelab.cpu_memory import CPU_ALLOCATORS
 from moelab.errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu", "relu")
@@ -379,7 +380,7 @@ class TrainConfig:
         check_choice(p + ".dtype", self.dtype, DTYPES)
         check_choice(p + ".aux_loss_scale", self.aux_loss_scale, AUX_LOSS_SCALES)
         check_choice(p + ".parallel", self.parallel, ("ddp", "fsdp", "ep"))
-        check_choice(p + ".cpu_allocator", self.cpu_allocator, ("reuse", "system"))
+        check_choice(p + ".cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS)
         return self
 
 

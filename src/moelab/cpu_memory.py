@@ -23,6 +23,7 @@ import ctypes.util
 import sys
 
 LARGE_BLOCK_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap
+CPU_ALLOCATORS = ("reuse", "system")  # the choices of train.cpu_allocator
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -42,3 +43,11 @@ def reuse_large_blocks(limit: int = LARGE_BLOCK_BYTES) -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, int(limit)) == 1
     # trim only above twice that (an int: at most 2 GiB - 1)
     return mallopt(_M_TRIM_THRESHOLD, min(2 * int(limit), 2**31 - 1)) == 1 and ok
+
+
+def use_cpu_allocator(name: str) -> bool:
+    """Apply a `train.cpu_allocator` choice: "reuse" calls `reuse_large_blocks`, "system"
+    changes nothing. Returns whether malloc was changed."""
+    if name not in CPU_ALLOCATORS:
+        raise ValueError(f"cpu allocator {name!r}: expected one of {CPU_ALLOCATORS}")
+    return name == "reuse" and reuse_large_blocks()

@@ -121,7 +121,7 @@ class MoELM(nn.Module):
         self.eval()
         try:
             # inference mode, not just no_grad: no version counters or view tracking on the
-            # few hundred small ops of a decode step (about 20 % of a dense-tiny step on CPU)
+            # few hundred small ops of a decode step
             with torch.inference_mode():
                 out_BT = self._decode(idx_BT, max_new_tokens, temperature, top_k, top_p,
                                       eos_id, generator, use_cache)

@@ -221,10 +221,11 @@ def test_moe_resume_restores_router_noise_and_logs_routing(tiny_data, tmp_path, 
 
 
 def test_training_on_cpu_applies_the_setting(monkeypatch, tiny_data, tiny_cfg, tmp_path):
+    from moelab import cpu_memory
     from moelab.train import loop
 
     calls = []
-    monkeypatch.setattr(loop, "reuse_large_blocks", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cpu_memory, "reuse_large_blocks", lambda: calls.append(1) or True)
     loop.train(tiny_cfg("train.cpu_allocator=system"), tiny_data, tmp_path / "a", steps=1,
                progress=False, device="cpu")
     assert calls == []

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from moelab.config import Config
-from moelab.cpu_memory import reuse_large_blocks
+from moelab.cpu_memory import use_cpu_allocator
 from moelab.errors import CheckpointError, ConfigError, DataError, TrainingError
 from moelab.fsutil import RunLock, check_writable
 from moelab.train import checkpoint as ckpt_io
@@ -96,8 +96,8 @@ def train(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path =
     """
     dev = resolve_device(device)
     env, dev = ddist.setup(dev, ddist.resolve_parallel(cfg.train, parallel))
-    if dev.type == "cpu" and cfg.train.cpu_allocator == "reuse":
-        reuse_large_blocks()
+    if dev.type == "cpu":
+        use_cpu_allocator(cfg.train.cpu_allocator)
     try:
         with RunDirGuard(out_dir, env):
             return _train(cfg, data_dir, out_dir, steps, tokens, resume, progress, dev,
